@@ -1,0 +1,52 @@
+# Two entry points, both safe to re-run on a fresh machine as root:
+#   make demo  - create .venv, install, run the paper's experiment end to end
+#   make test  - install what the tests need (Python, Debian) and run the whole suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BDN := $(VENV)/bin/bdn
+# Debian packages the project needs at run time and in tests.
+DEB_PACKAGES := dataset-fashion-mnist
+DEMO_ARGS ?= --devices 10 --rounds 3 --encrypted --seed 7
+
+.PHONY: help demo test lint venv deb-deps clean
+
+help:
+	@echo "make demo   run the paper's experiment end to end (creates .venv)"
+	@echo "make test   install test dependencies and run the whole suite"
+
+# Re-install only when pyproject.toml changes; the stamp lives inside the venv.
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+# apt-get update runs once, and only when something is missing.
+deb-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+demo: venv deb-deps
+	OMP_NUM_THREADS=1 $(BDN) simulate $(DEMO_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy blockdeepnet
+	$(VENV)/bin/lint-imports
+
+# pytest exits 5 when it collected nothing; make treats that as a failure, so an empty suite never passes.
+test: venv deb-deps lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

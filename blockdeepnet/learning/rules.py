@@ -1,0 +1,217 @@
+"""Local update rules: what one device does with the global weights w^{p-1} in round p.
+
+Both rules take and return flat float32 weight vectors (the order of ``model.flatten``), because the flat
+vector is what gets quantized, encrypted and aggregated. Both are deterministic given the ``rng`` (it only
+drives the minibatch order), so a round can be replayed exactly.
+
+- ``FedAvgSGD``: plain minibatch SGD, the FedAvg local step. The default.
+- ``VarianceReduced``: the paper's Eq. 3, an SVRG-style step anchored at the received global weights::
+
+      w <- w - lr * (grad_B(w) - grad_B(w_anchor) + full_local_grad(w_anchor)),   w_anchor = w^{p-1}
+
+  The full local gradient is computed once at round start from the device's own data, so it needs no extra
+  communication; it costs one extra pass over the data plus a second minibatch gradient per step (~2x).
+  The correction term pulls each device towards the direction of its whole local objective at w^{p-1}
+  instead of the noisy minibatch direction, which reduces client drift between aggregations.
+
+The paper counts local work in iterations (1,500 local iterations), so both rules accept ``iterations``
+(number of minibatch steps, cycling through freshly shuffled epochs) which overrides ``epochs``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from blockdeepnet.learning.model import (
+    IMAGE_SHAPE,
+    PAPER_CNN_PARAMS,
+    Params,
+    as_params,
+    evaluate,
+    flatten,
+    loss_and_grad,
+)
+
+__all__ = ["FedAvgSGD", "LocalResult", "LocalRule", "VarianceReduced"]
+
+Float32Array = npt.NDArray[np.float32]
+
+# Batch size for passes over the whole local set (full gradient, base loss): bounds im2col memory.
+_FULL_PASS_CHUNK = 1000
+
+
+@dataclass(frozen=True, eq=False)
+class LocalResult:
+    """Outcome of one device's round.
+
+    ``samples`` is s_k, the weight of this update in Eq. 4. ``train_loss`` is the mean of the minibatch losses
+    seen while training (cheap, but measured on moving weights). ``base_loss`` is the loss of the *received*
+    global weights on the whole local set; its sample-weighted mean over devices is the global training loss
+    of w^{p-1}, the quantity the "keep the round with the lowest loss" rule needs.
+    """
+
+    weights: Float32Array
+    samples: int
+    train_loss: float
+    steps: int
+    base_loss: float
+
+
+class LocalRule(Protocol):
+    """A local update rule: global weights + local data -> new local weights."""
+
+    def run(
+        self,
+        weights: npt.ArrayLike,
+        x: npt.NDArray[np.floating[Any]],
+        y: npt.NDArray[np.integer[Any]],
+        rng: np.random.Generator,
+    ) -> LocalResult: ...
+
+
+def _validate_hyper(lr: float, batch_size: int, epochs: int, iterations: int | None) -> None:
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if iterations is not None and (
+        isinstance(iterations, bool) or not isinstance(iterations, int) or iterations <= 0
+    ):
+        raise ValueError(f"iterations must be None or a positive int, got {iterations!r}")
+
+
+def _prepare(
+    weights: npt.ArrayLike, x: npt.NDArray[np.floating[Any]], y: npt.NDArray[np.integer[Any]]
+) -> tuple[Float32Array, npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    buf = np.array(weights, dtype=np.float32)  # our own copy: the caller's global weights stay untouched
+    if buf.shape != (PAPER_CNN_PARAMS,):
+        raise ValueError(f"weights must be a flat vector of {PAPER_CNN_PARAMS}, got shape {buf.shape}")
+    if not np.all(np.isfinite(buf)):
+        raise ValueError("weights contain NaN or inf")
+    xs = np.asarray(x, dtype=np.float32)
+    ys = np.asarray(y, dtype=np.int64)
+    if xs.ndim != 4 or xs.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"x must have shape (N, 1, 28, 28), got {xs.shape}")
+    if xs.shape[0] == 0:
+        raise ValueError("no local samples")
+    if ys.shape != (xs.shape[0],):
+        raise ValueError(f"y must have shape ({xs.shape[0]},), got {ys.shape}")
+    return buf, xs, ys
+
+
+def steps_for(n: int, batch_size: int, epochs: int, iterations: int | None) -> int:
+    """Number of minibatch steps a rule takes on ``n`` samples (a partial last batch counts as a step)."""
+    return iterations if iterations is not None else epochs * math.ceil(n / batch_size)
+
+
+def _batches(
+    n: int, batch_size: int, steps: int, rng: np.random.Generator
+) -> Iterator[npt.NDArray[np.int64]]:
+    """Minibatch index arrays: reshuffle at every epoch boundary, stop after ``steps`` batches."""
+    done = 0
+    while done < steps:
+        perm = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            if done == steps:
+                return
+            yield perm[start : start + batch_size]
+            done += 1
+
+
+def _check_finite(buf: Float32Array, rule: str) -> None:
+    # A diverged update must never reach the encoder: NaN/inf would poison the whole aggregate.
+    if not np.all(np.isfinite(buf)):
+        raise FloatingPointError(f"{rule}: local training diverged (non-finite weights); lower lr")
+
+
+def _full_gradient(
+    params: Params, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]
+) -> tuple[Float32Array, float]:
+    """Mean gradient and mean loss over the whole local set, in chunks (exactly the full-batch values)."""
+    n = x.shape[0]
+    total = np.zeros(PAPER_CNN_PARAMS, dtype=np.float64)
+    loss_sum = 0.0
+    for start in range(0, n, _FULL_PASS_CHUNK):
+        xb, yb = x[start : start + _FULL_PASS_CHUNK], y[start : start + _FULL_PASS_CHUNK]
+        loss, grads = loss_and_grad(params, xb, yb)
+        total += flatten(grads) * xb.shape[0]
+        loss_sum += loss * xb.shape[0]
+    return (total / n).astype(np.float32), loss_sum / n
+
+
+@dataclass(frozen=True)
+class FedAvgSGD:
+    """Plain minibatch SGD for ``epochs`` epochs (or exactly ``iterations`` steps)."""
+
+    lr: float = 0.1
+    batch_size: int = 32
+    epochs: int = 1
+    iterations: int | None = None
+
+    def __post_init__(self) -> None:
+        _validate_hyper(self.lr, self.batch_size, self.epochs, self.iterations)
+
+    def run(
+        self,
+        weights: npt.ArrayLike,
+        x: npt.NDArray[np.floating[Any]],
+        y: npt.NDArray[np.integer[Any]],
+        rng: np.random.Generator,
+    ) -> LocalResult:
+        buf, xs, ys = _prepare(weights, x, y)
+        params = as_params(buf)  # views: stepping buf in place updates params
+        base_loss, _ = evaluate(params, xs, ys, batch=_FULL_PASS_CHUNK)
+        steps = steps_for(xs.shape[0], self.batch_size, self.epochs, self.iterations)
+        lr = np.float32(self.lr)
+        loss_sum = 0.0
+        for idx in _batches(xs.shape[0], self.batch_size, steps, rng):
+            loss, grads = loss_and_grad(params, xs[idx], ys[idx])
+            loss_sum += loss
+            buf -= lr * flatten(grads)
+        _check_finite(buf, "FedAvgSGD")
+        return LocalResult(buf, int(xs.shape[0]), loss_sum / steps, steps, base_loss)
+
+
+@dataclass(frozen=True)
+class VarianceReduced:
+    """The paper's Eq. 3: SVRG-style local steps anchored at the received global weights."""
+
+    lr: float = 0.1
+    batch_size: int = 32
+    epochs: int = 1
+    iterations: int | None = None
+
+    def __post_init__(self) -> None:
+        _validate_hyper(self.lr, self.batch_size, self.epochs, self.iterations)
+
+    def run(
+        self,
+        weights: npt.ArrayLike,
+        x: npt.NDArray[np.floating[Any]],
+        y: npt.NDArray[np.integer[Any]],
+        rng: np.random.Generator,
+    ) -> LocalResult:
+        anchor_buf, xs, ys = _prepare(weights, x, y)
+        anchor = as_params(anchor_buf)
+        full_grad, base_loss = _full_gradient(anchor, xs, ys)
+        buf = anchor_buf.copy()
+        params = as_params(buf)
+        steps = steps_for(xs.shape[0], self.batch_size, self.epochs, self.iterations)
+        lr = np.float32(self.lr)
+        loss_sum = 0.0
+        for idx in _batches(xs.shape[0], self.batch_size, steps, rng):
+            xb, yb = xs[idx], ys[idx]
+            loss, grads = loss_and_grad(params, xb, yb)
+            _, anchor_grads = loss_and_grad(anchor, xb, yb)
+            loss_sum += loss
+            buf -= lr * (flatten(grads) - flatten(anchor_grads) + full_grad)
+        _check_finite(buf, "VarianceReduced")
+        return LocalResult(buf, int(xs.shape[0]), loss_sum / steps, steps, base_loss)
