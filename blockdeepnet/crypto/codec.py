@@ -144,9 +144,10 @@ def pack(layout: SlotLayout, slots: np.ndarray) -> list[mpz]:
     """Pack slot values into plaintext integers, little-endian slot order (vectorized bit shuffling)."""
     s, w = layout.slots_per_ciphertext, layout.slot_bits
     count = layout.ciphertexts_for(len(slots))
-    padded = np.zeros(count * s, dtype=np.uint64)
+    padded = np.zeros(count * s, dtype="<u8")
     padded[: len(slots)] = slots
-    bits = ((padded[:, None] >> np.arange(w, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    # Little-endian bytes of each slot -> its low w bits -> one bit row per plaintext -> bytes.
+    bits = np.unpackbits(padded.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, :w]
     packed = np.packbits(bits.reshape(count, s * w), axis=1, bitorder="little")
     return [mpz(int.from_bytes(row.tobytes(), "little")) for row in packed]
 
@@ -164,9 +165,9 @@ def unpack(layout: SlotLayout, plaintexts: Sequence[int | mpz], length: int) -> 
     bits = np.unpackbits(
         np.frombuffer(raw, dtype=np.uint8).reshape(len(plaintexts), nbytes), axis=1, bitorder="little"
     )
-    bits = bits[:, : s * w].reshape(-1, w).astype(np.uint64)
     if np.any(bits[:, s * w :]):
         raise SlotOverflowError("bits set above the last slot", [])
+    bits = bits[:, : s * w].reshape(-1, w).astype(np.uint64)
     values: np.ndarray = (bits << np.arange(w, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
     return values
 

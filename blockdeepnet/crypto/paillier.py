@@ -130,7 +130,8 @@ class PublicKey:
         m = mpz(m)
         if not 0 <= m < self.n:
             raise ValueError("plaintext out of range [0, n)")
-        return (m * self.n + 1) * r_n % self.nsquare
+        n = self.n
+        return (r_n + n * (m * (r_n % n) % n)) % self.nsquare
 
     def encrypt(self, m: int | mpz) -> mpz:
         return self.encrypt_with(m, self.fresh_randomness())
@@ -195,8 +196,8 @@ class PrivateKey:
         p, q = mpz(p), mpz(q)
         if p * q != public_key.n:
             raise KeyMismatchError("p * q does not equal the public modulus")
-        if p == q:
-            raise ValueError("p and q must differ")
+        if p == q or not (gmpy2.is_prime(p) and gmpy2.is_prime(q)):
+            raise ValueError("p and q must be two distinct primes")
         self.public_key = public_key
         self._p, self._q = p, q
         self._psquare, self._qsquare = p * p, q * q

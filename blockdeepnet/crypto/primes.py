@@ -46,6 +46,8 @@ def random_prime(bits: int) -> mpz:
 
 def random_safe_prime(bits: int) -> mpz:
     """A random safe prime p = 2p' + 1 of exactly ``bits`` bits (p' prime too)."""
+    if bits < 16:
+        raise ValueError(f"safe prime size must be at least 16 bits, got {bits}")
     half_bits = bits - 1
     limit = 1 << max(half_bits - 1, 2)
     primes = _PRIMES[_PRIMES < limit]

@@ -314,7 +314,9 @@ def combine(
     for partial in partials:
         if len(chosen) == tpk.threshold:
             break
-        if partial.index in chosen or partial.index in rejected:
+        # A rejected index is not blacklisted: the transport may not authenticate partials, and a forged one
+        # under holder i's index must not make holder i's genuine partial, arriving later, be ignored.
+        if partial.index in chosen:
             continue
         if verify:
             try:

@@ -25,14 +25,8 @@ class RandomnessSource(Protocol):
 def encrypt_plaintexts(
     public_key: PublicKey, plaintexts: Sequence[mpz], randomness: RandomnessSource
 ) -> list[mpz]:
-    n, n2 = public_key.n, public_key.nsquare
     factors = randomness.take_many(len(plaintexts))
-    out = []
-    for m, r in zip(plaintexts, factors, strict=True):
-        if not 0 <= m < n:
-            raise ValueError("plaintext out of range [0, n)")
-        out.append((m * n + 1) * r % n2)
-    return out
+    return [public_key.encrypt_with(m, r) for m, r in zip(plaintexts, factors, strict=True)]
 
 
 def encrypt_update(

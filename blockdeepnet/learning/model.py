@@ -50,6 +50,7 @@ KERNEL: Final = 3
 HIDDEN: Final = 128
 POOLED_SIDE: Final = 14
 FC1_IN: Final = CONV_OUT * POOLED_SIDE * POOLED_SIDE  # 1960
+_POOL_OFFSETS: Final = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) of the members of a 2x2 pooling window
 
 PARAM_SHAPES: Final[tuple[tuple[str, tuple[int, ...]], ...]] = (
     ("conv.w", (CONV_OUT, 1, KERNEL, KERNEL)),
@@ -182,15 +183,13 @@ def _forward(params: Mapping[str, FloatArray], x: FloatArray) -> tuple[FloatArra
     cols = _im2col(x)
     w_conv = params["conv.w"].reshape(CONV_OUT, -1)
     z = np.matmul(w_conv, cols) + params["conv.b"][None, :, None]  # (N, O, H*W)
-    # 2x2 windows moved to a trailing axis of 4 so argmax picks exactly one winner per window (ties included:
-    # blank background gives equal values, and routing the gradient to all of them would be wrong).
-    windows = (
-        z.reshape(n, CONV_OUT, POOLED_SIDE, 2, POOLED_SIDE, 2)
-        .transpose(0, 1, 2, 4, 3, 5)
-        .reshape(n, CONV_OUT, POOLED_SIDE, POOLED_SIDE, 4)
-    )
-    argmax = windows.argmax(axis=-1)
-    pooled = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
+    # The four members of every 2x2 window, stacked on a leading axis (offsets in _POOL_OFFSETS order), so that
+    # max/argmax run over long contiguous rows. argmax picks exactly one winner per window, ties included: blank
+    # background gives four equal values, and routing the gradient to all of them would be wrong.
+    z4 = z.reshape(n, CONV_OUT, IMAGE_SHAPE[1], IMAGE_SHAPE[2])
+    windows = np.stack([z4[:, :, i::2, j::2] for i, j in _POOL_OFFSETS])
+    argmax = windows.argmax(axis=0)
+    pooled = windows.max(axis=0)
     relu_pooled = np.maximum(pooled, 0)
     flat = relu_pooled.reshape(n, FC1_IN)  # (c, h, w) order
     a1 = flat @ params["fc1.w"] + params["fc1.b"]
@@ -256,13 +255,10 @@ def loss_and_grad(
     grads["fc1.b"] = da1.sum(axis=0)
     dpooled = (da1 @ params["fc1.w"].T).reshape(c.pooled.shape) * (c.pooled > 0)
     # Route each pooled gradient back to the single argmax position of its 2x2 window.
-    onehot = np.arange(4) == c.argmax[..., None]
-    dwindows = onehot * dpooled[..., None]
-    dz = (
-        dwindows.reshape(n, CONV_OUT, POOLED_SIDE, POOLED_SIDE, 2, 2)
-        .transpose(0, 1, 2, 4, 3, 5)
-        .reshape(n, CONV_OUT, -1)
-    )
+    dz4 = np.empty((n, CONV_OUT, IMAGE_SHAPE[1], IMAGE_SHAPE[2]), dtype=dpooled.dtype)
+    for q, (i, j) in enumerate(_POOL_OFFSETS):
+        dz4[:, :, i::2, j::2] = np.where(c.argmax == q, dpooled, 0)
+    dz = dz4.reshape(n, CONV_OUT, -1)
     grads["conv.w"] = np.tensordot(dz, c.cols, axes=([0, 2], [0, 2])).reshape(params["conv.w"].shape)
     grads["conv.b"] = dz.sum(axis=(0, 2))
     dtype = params["conv.w"].dtype

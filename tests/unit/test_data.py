@@ -194,6 +194,9 @@ def test_partition_non_iid_has_exactly_k_classes(k: int) -> None:
         classes, counts = np.unique(labels[shard], return_counts=True)
         assert classes.size == k
         assert counts.max() - counts.min() <= 1  # an even split over the device's classes
+    # Classes are dealt evenly: each is used by floor or ceil(10 * k / 10) devices.
+    usage = np.bincount(np.concatenate([np.unique(labels[s]) for s in shards]), minlength=10)
+    assert usage.max() - usage.min() <= 1
     again = partition_non_iid(labels, 10, k, 500, np.random.default_rng(0))
     assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=True))
 

@@ -1,0 +1,155 @@
+"""`bdn`: one command line for every role. Subcommands grow with the product (gateway, agent, provision...)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from blockdeepnet import __version__
+from blockdeepnet.data import DatasetError
+
+
+def _fail(message: str) -> None:
+    """Print a one-line error (no traceback) and exit 2, the convention for bad input or config."""
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bdn")
+def cli() -> None:
+    """BlockDeepNet: devices learn one model together over MQTT, with threshold-Paillier-encrypted updates
+    recorded on a permissioned Ethereum chain."""
+
+
+@cli.command()
+@click.option("--devices", default=10, show_default=True, help="Number of simulated devices (worker processes).")
+@click.option("--rounds", default=3, show_default=True, help="Federated rounds to run.")
+@click.option("--non-iid", "non_iid", type=int, default=None, help="Give each device only K classes (default: IID).")
+@click.option(
+    "--encrypted/--plaintext",
+    default=True,
+    show_default=True,
+    help="Encrypt every update under a t-of-l threshold Paillier key, or aggregate in the clear.",
+)
+@click.option("--seed", default=7, show_default=True, help="Seed for data split, initial model and batches.")
+@click.option("--rule", type=click.Choice(["fedavg", "eq3"]), default="fedavg", show_default=True, help="Local update: FedAvg SGD or the paper's variance-reduced Eq. 3.")
+@click.option("--lr", default=0.1, show_default=True, help="Local learning rate.")
+@click.option("--batch-size", default=32, show_default=True, help="Local minibatch size.")
+@click.option("--local-epochs", default=1, show_default=True, help="Local epochs per round.")
+@click.option("--samples-per-device", type=int, default=None, help="Shard size (default: the paper's 2,745, fewer if the data runs out).")
+@click.option("--key-bits", default=2048, show_default=True, help="Paillier modulus size (below 2048 only for experiments).")
+@click.option("--threshold", "threshold", default=2, show_default=True, help="t: key holders needed to decrypt.")
+@click.option("--holders", default=3, show_default=True, help="l: key holders the key is dealt to.")
+@click.option("--clip", default=2.0, show_default=True, help="Updates are clipped to ±clip before encoding.")
+@click.option("--value-bits", default=18, show_default=True, help="Quantization levels 2^b across [-clip, clip].")
+@click.option("--eps", default=0.0, show_default=True, help="Stop early when ||w^p - w^{p-1}|| <= eps (0: never).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Fashion-MNIST IDX folder (default: Debian's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of progress and a table.")
+def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
+    """Federated training of the paper's CNN on Fashion-MNIST, all devices on this machine.
+
+    With --encrypted every update really goes encrypt -> homomorphic weighted sum -> t-of-l threshold
+    decryption with verified partial decryptions.
+    """
+    from cli.simulation import SimulationConfig, expected_minutes, run_simulation
+
+    if workers is not None:
+        options["workers"] = workers
+    cfg = SimulationConfig(**options)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        _fail(str(exc))
+    console = Console(stderr=True)
+    if as_json:
+        progress_cb = None
+        bar = None
+    else:
+        console.print(
+            f"[bold]bdn simulate[/]: {cfg.devices} devices, {cfg.rounds} rounds, "
+            f"{'encrypted (t=%d of l=%d, %d-bit key)' % (cfg.threshold, cfg.holders, cfg.key_bits) if cfg.encrypted else 'plaintext'}"
+            f" - expect about {expected_minutes(cfg):.0f} min on 2 cores"
+        )
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
+        tasks: dict[str, Any] = {}
+
+        def progress_cb(event: str, data: dict[str, Any]) -> None:
+            if event == "keygen":
+                console.print(f"dealing a {data['bits']}-bit key to {data['l']} holders (t={data['t']})...")
+            elif event == "round_start":
+                tasks["train"] = bar.add_task(f"round {data['round']}: training + encrypting", total=data["devices"])
+            elif event == "device_done":
+                bar.advance(tasks["train"])
+            elif event == "decrypt_start":
+                tasks["dec"] = bar.add_task(f"round {data['round']}: threshold decryption ({data['holders']} holders)", total=None)
+            elif event == "round_done":
+                if "dec" in tasks:
+                    bar.update(tasks.pop("dec"), total=1, completed=1)
+                console.print(
+                    f"round {data['round']}: global accuracy {data['global_accuracy']:.2%}, "
+                    f"loss {data['global_loss']:.4f}, {data['seconds']:.1f} s"
+                )
+            elif event == "local_only_start":
+                tasks["local"] = bar.add_task("local-only baseline (each device alone)", total=None)
+
+    try:
+        if bar is not None:
+            with bar:
+                result = run_simulation(cfg, progress_cb)
+        else:
+            result = run_simulation(cfg, progress_cb)
+    except DatasetError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    table = Table(title=f"BlockDeepNet simulation ({result['mode']})")
+    for col in ("round", "global accuracy", "global loss", "seconds", "bytes on the wire"):
+        table.add_column(col, justify="right")
+    for r in result["rounds"]:
+        table.add_row(
+            str(r["round"]), f"{r['global_accuracy']:.2%}", f"{r['global_loss']:.4f}", f"{r['seconds']:.1f}", f"{r['wire_bytes']:,}"
+        )
+    Console().print(table)
+    Console().print(
+        f"final model: round {result['final_round']} (lowest global loss), test accuracy {result['final_accuracy']:.2%}; "
+        f"each device alone: {result['local_accuracy_mean']:.2%} on average"
+    )
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print one JSON object, each with its baseline measured in the same run."""
+
+
+@bench.command("crypto")
+@click.option("--key-bits", default=2048, show_default=True, help="Paillier modulus size.")
+@click.option("--params", default=252_398, show_default=True, help="Update length (the paper's CNN by default).")
+@click.option("--naive-sample", default=20, show_default=True, help="phe encryptions timed for the naive baseline.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON object.")
+def bench_crypto(key_bits: int, params: int, naive_sample: int, as_json: bool) -> None:
+    """Packed threshold Paillier on one update: encrypt, aggregate, partial decrypt, combine (one core)."""
+    from bench.crypto import run
+
+    console = Console(stderr=True)
+    log = None if as_json else (lambda msg: console.print(msg, highlight=False))
+    result = run(key_bits=key_bits, params=params, naive_sample=naive_sample, log=log)
+    click.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Fleet provisioning: key dealing, enrollment, sealed secrets, service install (DESIGN §8)."""
