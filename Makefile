@@ -46,7 +46,7 @@ lint: venv
 
 # pytest exits 5 when it collected nothing; make treats that as a failure, so an empty suite never passes.
 test: venv deb-deps lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

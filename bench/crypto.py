@@ -43,7 +43,10 @@ def _naive_phe_seconds_per_value(pub: PublicKey, sample: int) -> float:
 
 
 def run(
-    key_bits: int = 2048, params: int = 252_398, naive_sample: int = 20, log: Callable[[str], None] | None = None
+    key_bits: int = 2048,
+    params: int = 252_398,
+    naive_sample: int = 20,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     say = log or (lambda _msg: None)
     rng = np.random.default_rng(2019)
@@ -57,7 +60,9 @@ def run(
 
     samples = rng.integers(1000, 4000, DEVICES)
     weights = [sample_weight(int(s), int(samples.sum())) for s in samples]
-    updates = [rng.normal(0, 0.02, params).clip(-layout.clip, layout.clip).astype(np.float32) for _ in range(DEVICES)]
+    updates = [
+        rng.normal(0, 0.02, params).clip(-layout.clip, layout.clip).astype(np.float32) for _ in range(DEVICES)
+    ]
 
     t0 = time.perf_counter()
     table = FixedBaseTable(pub)
@@ -105,7 +110,14 @@ def run(
 
     say(f"the other {THRESHOLD - 1} holders decrypt in parallel (not timed)...")
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as ex:
-        others = list(ex.map(_partial, [s.to_dict() for s in shares[1:THRESHOLD]], [aggregate] * (THRESHOLD - 1), [context] * (THRESHOLD - 1)))
+        others = list(
+            ex.map(
+                _partial,
+                [s.to_dict() for s in shares[1:THRESHOLD]],
+                [aggregate] * (THRESHOLD - 1),
+                [context] * (THRESHOLD - 1),
+            )
+        )
     partials = [own, *others]
 
     t0 = time.perf_counter()

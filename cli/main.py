@@ -29,9 +29,13 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--devices", default=10, show_default=True, help="Number of simulated devices (worker processes).")
+@click.option(
+    "--devices", default=10, show_default=True, help="Number of simulated devices (worker processes)."
+)
 @click.option("--rounds", default=3, show_default=True, help="Federated rounds to run.")
-@click.option("--non-iid", "non_iid", type=int, default=None, help="Give each device only K classes (default: IID).")
+@click.option(
+    "--non-iid", "non_iid", type=int, default=None, help="Give each device only K classes (default: IID)."
+)
 @click.option(
     "--encrypted/--plaintext",
     default=True,
@@ -39,20 +43,52 @@ def cli() -> None:
     help="Encrypt every update under a t-of-l threshold Paillier key, or aggregate in the clear.",
 )
 @click.option("--seed", default=7, show_default=True, help="Seed for data split, initial model and batches.")
-@click.option("--rule", type=click.Choice(["fedavg", "eq3"]), default="fedavg", show_default=True, help="Local update: FedAvg SGD or the paper's variance-reduced Eq. 3.")
-@click.option("--lr", default=0.1, show_default=True, help="Local learning rate.")
+@click.option(
+    "--rule",
+    type=click.Choice(["fedavg", "eq3"]),
+    default="fedavg",
+    show_default=True,
+    help="Local update: FedAvg SGD or the paper's variance-reduced Eq. 3.",
+)
+@click.option("--lr", default=0.2, show_default=True, help="Local learning rate.")
 @click.option("--batch-size", default=32, show_default=True, help="Local minibatch size.")
 @click.option("--local-epochs", default=1, show_default=True, help="Local epochs per round.")
-@click.option("--samples-per-device", type=int, default=None, help="Shard size (default: the paper's 2,745, fewer if the data runs out).")
-@click.option("--key-bits", default=2048, show_default=True, help="Paillier modulus size (below 2048 only for experiments).")
-@click.option("--threshold", "threshold", default=2, show_default=True, help="t: key holders needed to decrypt.")
+@click.option(
+    "--samples-per-device",
+    type=int,
+    default=None,
+    help="Shard size (default: the paper's 2,745, fewer if the data runs out).",
+)
+@click.option(
+    "--key-bits",
+    default=2048,
+    show_default=True,
+    help="Paillier modulus size (below 2048 only for experiments).",
+)
+@click.option(
+    "--threshold", "threshold", default=2, show_default=True, help="t: key holders needed to decrypt."
+)
 @click.option("--holders", default=3, show_default=True, help="l: key holders the key is dealt to.")
-@click.option("--clip", default=2.0, show_default=True, help="Updates are clipped to ±clip before encoding.")
-@click.option("--value-bits", default=18, show_default=True, help="Quantization levels 2^b across [-clip, clip].")
-@click.option("--eps", default=0.0, show_default=True, help="Stop early when ||w^p - w^{p-1}|| <= eps (0: never).")
+@click.option("--clip", default=1.0, show_default=True, help="Updates are clipped to ±clip before encoding.")
+@click.option(
+    "--value-bits",
+    default=16,
+    show_default=True,
+    help="Bits per slot sum; 2^b - max_devices quantization levels span [-clip, clip].",
+)
+@click.option(
+    "--eps", default=0.0, show_default=True, help="Stop early when ||w^p - w^{p-1}|| <= eps (0: never)."
+)
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Fashion-MNIST IDX folder (default: Debian's).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of progress and a table.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Fashion-MNIST IDX folder (default: Debian's).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object instead of progress and a table."
+)
 def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
     """Federated training of the paper's CNN on Fashion-MNIST, all devices on this machine.
 
@@ -73,13 +109,21 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
         progress_cb = None
         bar = None
     else:
+        mode = (
+            f"encrypted (t={cfg.threshold} of l={cfg.holders}, {cfg.key_bits}-bit key)"
+            if cfg.encrypted
+            else "plaintext"
+        )
         console.print(
-            f"[bold]bdn simulate[/]: {cfg.devices} devices, {cfg.rounds} rounds, "
-            f"{'encrypted (t=%d of l=%d, %d-bit key)' % (cfg.threshold, cfg.holders, cfg.key_bits) if cfg.encrypted else 'plaintext'}"
+            f"[bold]bdn simulate[/]: {cfg.devices} devices, {cfg.rounds} rounds, {mode}"
             f" - expect about {expected_minutes(cfg):.0f} min on 2 cores"
         )
         bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
         )
         tasks: dict[str, Any] = {}
 
@@ -87,11 +131,15 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
             if event == "keygen":
                 console.print(f"dealing a {data['bits']}-bit key to {data['l']} holders (t={data['t']})...")
             elif event == "round_start":
-                tasks["train"] = bar.add_task(f"round {data['round']}: training + encrypting", total=data["devices"])
+                tasks["train"] = bar.add_task(
+                    f"round {data['round']}: training + encrypting", total=data["devices"]
+                )
             elif event == "device_done":
                 bar.advance(tasks["train"])
             elif event == "decrypt_start":
-                tasks["dec"] = bar.add_task(f"round {data['round']}: threshold decryption ({data['holders']} holders)", total=None)
+                tasks["dec"] = bar.add_task(
+                    f"round {data['round']}: threshold decryption ({data['holders']} holders)", total=None
+                )
             elif event == "round_done":
                 if "dec" in tasks:
                     bar.update(tasks.pop("dec"), total=1, completed=1)
@@ -118,7 +166,11 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
         table.add_column(col, justify="right")
     for r in result["rounds"]:
         table.add_row(
-            str(r["round"]), f"{r['global_accuracy']:.2%}", f"{r['global_loss']:.4f}", f"{r['seconds']:.1f}", f"{r['wire_bytes']:,}"
+            str(r["round"]),
+            f"{r['global_accuracy']:.2%}",
+            f"{r['global_loss']:.4f}",
+            f"{r['seconds']:.1f}",
+            f"{r['wire_bytes']:,}",
         )
     Console().print(table)
     Console().print(
@@ -134,8 +186,12 @@ def bench() -> None:
 
 @bench.command("crypto")
 @click.option("--key-bits", default=2048, show_default=True, help="Paillier modulus size.")
-@click.option("--params", default=252_398, show_default=True, help="Update length (the paper's CNN by default).")
-@click.option("--naive-sample", default=20, show_default=True, help="phe encryptions timed for the naive baseline.")
+@click.option(
+    "--params", default=252_398, show_default=True, help="Update length (the paper's CNN by default)."
+)
+@click.option(
+    "--naive-sample", default=20, show_default=True, help="phe encryptions timed for the naive baseline."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON object.")
 def bench_crypto(key_bits: int, params: int, naive_sample: int, as_json: bool) -> None:
     """Packed threshold Paillier on one update: encrypt, aggregate, partial decrypt, combine (one core)."""

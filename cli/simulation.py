@@ -8,6 +8,9 @@ is combined and decoded into the weighted mean update. ``plaintext`` does the sa
 
 Updates are clipped to the codec's range before either path, identically, so the two modes differ only by
 the codec's quantization (its error bound is reported).
+
+Per round, ``global_loss`` is the new global model's loss on the union of the devices' training shards (the
+quantity the lowest-loss rule picks the final model by) and ``global_accuracy`` its test-set accuracy.
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ from blockdeepnet.data import (
     partition_iid,
     partition_non_iid,
 )
-from blockdeepnet.learning import BestRound, FedAvgSGD, VarianceReduced, evaluate, flatten, init_params, unflatten
+from blockdeepnet.learning import (
+    BestRound,
+    FedAvgSGD,
+    VarianceReduced,
+    evaluate,
+    flatten,
+    init_params,
+    unflatten,
+)
 from blockdeepnet.learning.aggregation import converged
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -50,15 +61,15 @@ class SimulationConfig:
     encrypted: bool = True
     seed: int = 7
     rule: str = "fedavg"
-    lr: float = 0.1
+    lr: float = 0.2
     batch_size: int = 32
     local_epochs: int = 1
     samples_per_device: int | None = None
     key_bits: int = 2048
     threshold: int = 2
     holders: int = 3
-    value_bits: int = 18
-    clip: float = 2.0
+    value_bits: int = 16
+    clip: float = 1.0
     max_devices: int = 100
     eps: float = 0.0
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -77,7 +88,9 @@ class SimulationConfig:
             if not 1 <= self.threshold <= self.holders:
                 raise ValueError(f"need 1 <= threshold <= holders, got t={self.threshold}, l={self.holders}")
             if self.devices > self.max_devices:
-                raise ValueError(f"{self.devices} devices exceed the codec layout's max_devices={self.max_devices}")
+                raise ValueError(
+                    f"{self.devices} devices exceed the codec layout's max_devices={self.max_devices}"
+                )
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
 
@@ -156,29 +169,35 @@ def _partial_task(share: dict[str, Any], blob: bytes, context: bytes) -> Partial
     return key.partial_decrypt(cts, context)
 
 
-def _local_only_task(device: int, init: np.ndarray) -> float:
-    """The device trained alone for the same number of epochs the federation ran, evaluated on the test set."""
+def _local_only_task(device: int, init: np.ndarray, rounds_run: int) -> list[float]:
+    """The device trained alone, from the same initial model with the same local rule and batches, evaluated
+    on the test set after each round's worth of epochs (the last entry: the same epochs the federation ran)."""
     cfg: SimulationConfig = _STATE["cfg"]
+    test = _STATE.setdefault("test", load_fashion_mnist(cfg.data_dir))
     weights = init
-    for round_no in range(1, cfg.rounds + 1):
+    curve = []
+    for round_no in range(1, rounds_run + 1):
         rng = np.random.default_rng([cfg.seed, round_no, device])
         weights = _rule(cfg).run(weights, _STATE["x"][device], _STATE["y"][device], rng).weights
-    test = _STATE.setdefault("test", load_fashion_mnist(cfg.data_dir))
-    _, acc = evaluate(unflatten(weights), test.test_x, test.test_y)
-    return acc
+        curve.append(evaluate(unflatten(weights), test.test_x, test.test_y)[1])
+    return curve
 
 
 # --- coordinator side --------------------------------------------------------------------------------
 
 
 @contextmanager
-def _pool(cfg: SimulationConfig, tpk: ThresholdPublicKey | None, layout: SlotLayout | None) -> Iterator[ProcessPoolExecutor]:
+def _pool(
+    cfg: SimulationConfig, tpk: ThresholdPublicKey | None, layout: SlotLayout | None
+) -> Iterator[ProcessPoolExecutor]:
     # One BLAS thread per simulated device process, else N devices on 2 cores crawl (DEVELOPERS.md).
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     ctx = multiprocessing.get_context("spawn")
     args = (cfg, tpk.to_dict() if tpk else None, layout.to_dict() if layout else None)
-    with ProcessPoolExecutor(max_workers=min(cfg.workers, cfg.devices), mp_context=ctx, initializer=_worker_init, initargs=args) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(cfg.workers, cfg.devices), mp_context=ctx, initializer=_worker_init, initargs=args
+    ) as pool:
         yield pool
 
 
@@ -186,7 +205,8 @@ def run_simulation(cfg: SimulationConfig, progress: Progress | None = None) -> d
     """Run the federated experiment and return the JSON-ready result."""
     cfg.validate()
     emit = progress or (lambda _event, _data: None)
-    data = load_fashion_mnist(cfg.data_dir)  # fails fast, with the Debian package name, before any worker starts
+    # Load here first: a missing dataset fails fast, naming the Debian package, before any worker starts.
+    data = load_fashion_mnist(cfg.data_dir)
     shards = _shards(cfg, data.train_y)
     train_x = np.concatenate([data.train_x[s] for s in shards])
     train_y = np.concatenate([data.train_y[s] for s in shards])
@@ -215,7 +235,11 @@ def run_simulation(cfg: SimulationConfig, progress: Progress | None = None) -> d
             t_round = time.perf_counter()
             emit("round_start", {"round": round_no, "devices": cfg.devices})
             futures = [pool.submit(_train_task, d, round_no, weights, total) for d in range(cfg.devices)]
-            acc = Accumulator(tpk.public_key, layout.ciphertexts_for(len(weights)), cfg.max_devices) if tpk and layout else None
+            acc = (
+                Accumulator(tpk.public_key, layout.ciphertexts_for(len(weights)), cfg.max_devices)
+                if tpk and layout
+                else None
+            )
             plain_sum = np.zeros(len(weights), dtype=np.float64)
             included_weight = 0.0
             wire_bytes = 0
@@ -242,7 +266,9 @@ def run_simulation(cfg: SimulationConfig, progress: Progress | None = None) -> d
                 ]
                 partials = [f.result() for f in pfuts]
                 combined = combine(tpk, aggregate, partials, context)
-                mean_delta = decode_aggregate(layout, combined.plaintexts, len(weights), included_weight, acc.summands)
+                mean_delta = decode_aggregate(
+                    layout, combined.plaintexts, len(weights), included_weight, acc.summands
+                )
                 max_error_bound = max(max_error_bound, layout.error_bound(included_weight, acc.summands))
             else:
                 mean_delta = plain_sum / total
@@ -265,8 +291,9 @@ def run_simulation(cfg: SimulationConfig, progress: Progress | None = None) -> d
                 emit("converged", {"round": round_no})
                 break
         emit("local_only_start", {"devices": cfg.devices})
-        local_futs = [pool.submit(_local_only_task, d, init) for d in range(cfg.devices)]
-        local_acc = [f.result() for f in local_futs]
+        local_futs = [pool.submit(_local_only_task, d, init, len(rounds)) for d in range(cfg.devices)]
+        local_curves = np.array([f.result() for f in local_futs])
+    local_acc = local_curves[:, -1].tolist()
 
     assert best.weights is not None and best.round is not None
     _, final_acc = evaluate(unflatten(best.weights), data.test_x, data.test_y)
@@ -283,6 +310,7 @@ def run_simulation(cfg: SimulationConfig, progress: Progress | None = None) -> d
         "rounds": rounds,
         "local_accuracy": local_acc,
         "local_accuracy_mean": float(np.mean(local_acc)),
+        "local_accuracy_curve": local_curves.mean(axis=0).tolist(),
         "final_round": best.round,
         "final_accuracy": final_acc,
         "clipped_values": clipped_total,

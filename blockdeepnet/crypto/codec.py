@@ -2,26 +2,27 @@
 
 Layout (one plaintext = one ciphertext)::
 
-    plaintext = sum_{j < S} v_j * 2^(j * slot_bits)        S = slots_per_ciphertext
-    slot_bits = bit_length(2^b + max_devices) + guard_bits
+    plaintext = sum_{j < S} v_j * 2^(j * slot_bits)        S = slots_per_ciphertext = (|n| - 1) // slot_bits
+    slot_bits = value_bits + guard_bits                     levels = 2^value_bits - max_devices
 
 Parameter i sits in ciphertext i // S, slot i % S. Unused slots of the last plaintext are zero.
 All S * slot_bits bits lie below 2^(|n| - 1) <= n, so the packed value is always a valid plaintext.
 
 Encoding (device k, Eq. 4 weight w_k = s_k / s applied *before* encryption)::
 
-    v_k = rint(w_k * (x + C) * 2^b / (2C))          x clipped to [-C, C] is refused, never wrapped
+    v_k = rint(w_k * (x + C) * levels / (2C))       x outside [-C, C] is refused, never wrapped
 
-so 0 <= v_k <= w_k * 2^b + 1/2. The gateway multiplies ciphertexts (adds slots). For any set of included
-devices with sum(w_k) = W <= 1 every slot sum stays <= 2^b * W + count/2 < 2^(slot_bits - guard_bits):
-no carry can reach the next slot, and the guard bit(s) of an honest sum are always zero. Pre-scaling is what
-keeps the headroom at log2(max_devices) bits of rounding slack instead of log2(total samples) bits.
+so 0 <= v_k <= w_k * levels + 1/2. The gateway multiplies ciphertexts (adds slots). For any set of included
+devices with sum(w_k) = W <= 1 every slot sum stays <= levels * W + count/2 < 2^value_bits: the headroom
+reserved for rounding is max_devices levels, no carry can reach the next slot, and the guard bit(s) of an
+honest sum are always zero. Pre-scaling by the weight is what keeps the headroom this small (otherwise it would
+be log2(total samples) bits per slot).
 
 Decoding::
 
-    mean = (V * 2C / 2^b - C * W) / W          (W < 1 when devices dropped out: one scalar corrects it)
+    mean = (V * 2C / levels - C * W) / W          (W < 1 when devices dropped out: one scalar corrects it)
 
-Error bound: each device's rounding is at most half a step, so |mean - sum_k w_k x_k / W| <= count * C / 2^b / W.
+Error bound: each device's rounding is at most half a step, so |mean - sum_k w_k x_k / W| <= count * C / levels / W.
 A slot above its bound (a dishonest device encrypting out-of-range values) raises :class:`SlotOverflowError`
 instead of being applied.
 """
@@ -54,8 +55,8 @@ class SlotLayout:
     """Quantization and packing parameters shared by the whole fleet (announced with each round)."""
 
     key_bits: int
-    value_bits: int = 18
-    clip: float = 2.0
+    value_bits: int = 16
+    clip: float = 1.0
     max_devices: int = 100
     guard_bits: int = 1
     slot_bits: int = field(init=False)
@@ -70,9 +71,13 @@ class SlotLayout:
             raise ValueError(f"max_devices must be >= 1, got {self.max_devices}")
         if self.guard_bits < 1:
             raise ValueError("at least one guard bit is required to detect overflow")
-        slot_bits = ((1 << self.value_bits) + self.max_devices).bit_length() + self.guard_bits
+        if (1 << self.value_bits) - self.max_devices < 2:
+            raise ValueError(
+                f"value_bits={self.value_bits} leaves no levels for max_devices={self.max_devices}"
+            )
+        slot_bits = self.value_bits + self.guard_bits
         if slot_bits > 63:
-            raise ValueError(f"slot of {slot_bits} bits exceeds 63; lower value_bits or max_devices")
+            raise ValueError(f"slot of {slot_bits} bits exceeds 63; lower value_bits or guard_bits")
         slots = (self.key_bits - 1) // slot_bits
         if slots < 1:
             raise ValueError(f"a {self.key_bits}-bit key cannot hold one {slot_bits}-bit slot")
@@ -80,20 +85,25 @@ class SlotLayout:
         object.__setattr__(self, "slots_per_ciphertext", slots)
 
     @property
+    def levels(self) -> int:
+        """Quantization levels of one device at full weight; the rest of 2^value_bits is rounding headroom."""
+        return (1 << self.value_bits) - self.max_devices
+
+    @property
     def step(self) -> float:
         """Quantization step of one slot unit."""
-        return 2.0 * self.clip / (1 << self.value_bits)
+        return 2.0 * self.clip / self.levels
 
     def ciphertexts_for(self, length: int) -> int:
         return -(-length // self.slots_per_ciphertext)
 
     def slot_bound(self, total_weight: float, count: int) -> int:
         """Largest slot value an honest sum of ``count`` updates with total weight W can reach."""
-        return math.floor((1 << self.value_bits) * total_weight + count / 2 + 1e-9 * (1 << self.value_bits))
+        return math.floor(self.levels * total_weight + count / 2 + 1e-9 * self.levels)
 
     def error_bound(self, total_weight: float, count: int) -> float:
         """Worst-case absolute error of a decoded weighted mean (see module docstring)."""
-        return count * (self.clip / (1 << self.value_bits)) / total_weight
+        return count * (self.clip / self.levels) / total_weight
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -136,7 +146,7 @@ def quantize(layout: SlotLayout, values: np.ndarray, weight: float) -> np.ndarra
             f"{int(over.sum())} value(s) exceed the clip range ±{layout.clip} (first: index {bad} = {x[bad]:.6g}); "
             "refusing rather than wrapping into a neighbouring slot"
         )
-    scale = weight * (1 << layout.value_bits) / (2.0 * layout.clip)
+    scale = weight * layout.levels / (2.0 * layout.clip)
     return np.rint((x + layout.clip) * scale).astype(np.uint64)
 
 

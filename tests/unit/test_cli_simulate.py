@@ -16,7 +16,11 @@ SMALL = ["--devices", "3", "--rounds", "2", "--samples-per-device", "600", "--se
 
 def _bdn(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

@@ -29,7 +29,8 @@ EPS = 1e-12  # float slack on top of the analytic error bound
 
 @pytest.fixture(scope="module")
 def layout() -> SlotLayout:
-    return SlotLayout(KEY_BITS)
+    # 19-bit slots (18 value bits + 1 guard bit), 26 per 512-bit plaintext, 2^18 - 100 = 262,044 levels.
+    return SlotLayout(KEY_BITS, value_bits=18, clip=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -61,41 +62,50 @@ def set_slot(layout: SlotLayout, plaintexts: list[mpz], index: int, value: int) 
 
 def test_layout_for_2048_bit_keys_with_defaults() -> None:
     lay = SlotLayout(2048)
-    assert (lay.value_bits, lay.clip, lay.max_devices, lay.guard_bits) == (18, 2.0, 100, 1)
-    assert lay.slot_bits == 20
-    assert lay.slots_per_ciphertext == 102
-    assert lay.step == 4.0 / 2**18
-    assert lay.ciphertexts_for(102) == 1
-    assert lay.ciphertexts_for(103) == 2
+    assert (lay.value_bits, lay.clip, lay.max_devices, lay.guard_bits) == (16, 1.0, 100, 1)
+    assert lay.slot_bits == 17  # 16 value bits + 1 guard bit
+    assert lay.slots_per_ciphertext == 120  # 2047 // 17
+    assert lay.levels == 65_436  # 2^16 - 100
+    assert lay.step == 2.0 / 65_436
+    assert lay.ciphertexts_for(120) == 1
+    assert lay.ciphertexts_for(121) == 2
     assert lay.ciphertexts_for(1) == 1
-    assert lay.ciphertexts_for(204) == 2
+    assert lay.ciphertexts_for(240) == 2
+    assert lay.ciphertexts_for(252_398) == 2104  # the paper's CNN: 2103 full plaintexts + 38 slots
 
 
 def test_slot_and_error_bounds(layout: SlotLayout) -> None:
-    # Honest maximum: 2^b * W from the values plus at most half a unit of rounding per summand.
-    assert layout.slot_bound(1.0, 100) == 2**18 + 50
-    assert layout.slot_bound(1.0, 1) == 2**18
-    assert layout.slot_bound(0.5, 3) == 2**17 + 1
-    assert layout.slot_bound(0.25, 10) == 2**16 + 5
-    assert layout.error_bound(1.0, 1) == 2.0 / 2**18
-    assert layout.error_bound(0.5, 4) == 4 * 2.0 / 2**18 / 0.5
+    # Honest maximum: levels * W from the values plus at most half a unit of rounding per summand.
+    levels = 2**18 - 100
+    assert layout.levels == levels == 262_044
+    assert layout.step == 4.0 / levels
+    assert layout.slot_bound(1.0, 100) == levels + 50 == 262_094
+    assert layout.slot_bound(1.0, 1) == levels == 262_044
+    assert layout.slot_bound(0.5, 3) == levels // 2 + 1 == 131_023
+    assert layout.slot_bound(0.25, 10) == levels // 4 + 5 == 65_516
+    # Even the loosest honest bound leaves the top value bit's headroom and the guard bit unused.
+    assert layout.slot_bound(1.0, layout.max_devices) < 2**18
+    assert layout.error_bound(1.0, 1) == 2.0 / levels
+    assert layout.error_bound(0.5, 4) == 4 * 2.0 / levels / 0.5
 
 
 def test_layout_for_512_bit_test_keys(layout: SlotLayout) -> None:
-    assert layout.slot_bits == 20
-    assert layout.slots_per_ciphertext == 25
+    assert layout.slot_bits == 19
+    assert layout.slots_per_ciphertext == 26  # 511 // 19
+    assert layout.levels == 262_044
 
 
 @pytest.mark.parametrize(
     ("key_bits", "value_bits", "max_devices", "guard_bits", "slot_bits"),
     [
-        (2048, 18, 100, 1, 20),
-        (2048, 16, 1000, 1, 18),
-        (2048, 16, 1 << 16, 1, 19),
-        (512, 10, 5, 2, 13),
-        (1024, 30, 100, 3, 34),
-        (3072, 24, 50, 1, 26),
-        (256, 52, 1, 10, 63),
+        (2048, 18, 100, 1, 19),
+        (2048, 16, 1000, 1, 17),
+        (2048, 16, (1 << 16) - 2, 1, 17),  # the fewest levels allowed: 2
+        (512, 10, 5, 2, 12),
+        (1024, 30, 100, 3, 33),
+        (3072, 24, 50, 1, 25),
+        (256, 52, 1, 11, 63),  # the widest slot allowed
+        (18, 16, 100, 1, 17),  # a key just wide enough for one slot
     ],
 )
 def test_layout_derivation(
@@ -136,9 +146,10 @@ def test_packed_plaintext_always_below_half_the_key_space() -> None:
         {"max_devices": 0},
         {"max_devices": -5},
         {"guard_bits": 0},
-        {"value_bits": 52, "guard_bits": 11},  # 64-bit slot
-        {"value_bits": 40, "max_devices": 1 << 40, "guard_bits": 22},
-        {"key_bits": 20},  # cannot hold a single 20-bit slot
+        {"value_bits": 52, "guard_bits": 12},  # 64-bit slot
+        {"value_bits": 40, "guard_bits": 24},  # 64-bit slot
+        {"value_bits": 40, "max_devices": 1 << 40},  # no levels left
+        {"key_bits": 17},  # cannot hold a single 17-bit slot
         {"key_bits": 0},
     ],
 )
@@ -146,6 +157,27 @@ def test_bad_layout_parameters_raise(kwargs: dict[str, float]) -> None:
     args: dict[str, float] = {"key_bits": 512, **kwargs}
     with pytest.raises(ValueError):
         SlotLayout(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value_bits", "max_devices"),
+    [(6, 63), (6, 64), (6, 1000), (2, 3), (2, 4), (16, (1 << 16) - 1), (16, 1 << 16), (52, (1 << 52) - 1)],
+)
+def test_too_few_levels_for_the_fleet_raises(value_bits: int, max_devices: int) -> None:
+    assert (1 << value_bits) - max_devices < 2
+    with pytest.raises(
+        ValueError, match=f"value_bits={value_bits} leaves no levels for max_devices={max_devices}"
+    ):
+        SlotLayout(2048, value_bits=value_bits, max_devices=max_devices)
+
+
+@pytest.mark.parametrize(("value_bits", "max_devices"), [(6, 62), (2, 2), (16, (1 << 16) - 2)])
+def test_two_levels_is_the_smallest_layout(value_bits: int, max_devices: int) -> None:
+    lay = SlotLayout(2048, value_bits=value_bits, max_devices=max_devices)
+    assert lay.levels == 2
+    assert lay.slot_bits == value_bits + 1
+    assert lay.step == lay.clip  # 2C / 2
+    assert quantize(lay, np.array([-lay.clip, 0.0, lay.clip]), 1.0).tolist() == [0, 1, 2]
 
 
 def test_layout_dict_round_trip() -> None:
@@ -160,7 +192,7 @@ def test_layout_dict_round_trip() -> None:
 
 def test_layout_from_dict_defaults_guard_bits() -> None:
     lay = SlotLayout.from_dict({"key_bits": 1024, "value_bits": 18, "clip": 2, "max_devices": 100})
-    assert lay == SlotLayout(1024)
+    assert lay == SlotLayout(1024, value_bits=18, clip=2.0)
     assert lay.guard_bits == 1
 
 
@@ -187,10 +219,14 @@ def test_malformed_layout_dict_raises_value_error(data: object) -> None:
 
 
 def test_quantize_exact_values() -> None:
-    lay = SlotLayout(512, value_bits=4, clip=1.0, max_devices=4)  # scale = 2^4 / 2 = 8 per unit
-    x = np.array([-1.0, 1.0, 0.0, 0.06, 0.07, -0.5])
-    assert quantize(lay, x, 1.0).tolist() == [0, 16, 8, 8, 9, 4]
-    assert quantize(lay, x, 0.5).tolist() == [0, 8, 4, 4, 4, 2]
+    lay = SlotLayout(
+        512, value_bits=4, clip=1.0, max_devices=4
+    )  # levels = 16 - 4 = 12: scale = 12 / 2 = 6 per unit
+    assert lay.levels == 12
+    # (x + 1) * 6 = 0, 12, 6, 6.48, 6.54, 2.4; at weight 0.5 half of that: 0, 6, 3, 3.24, 3.27, 1.2
+    x = np.array([-1.0, 1.0, 0.0, 0.08, 0.09, -0.6])
+    assert quantize(lay, x, 1.0).tolist() == [0, 12, 6, 6, 7, 2]
+    assert quantize(lay, x, 0.5).tolist() == [0, 6, 3, 3, 3, 1]
     assert quantize(lay, x, 1.0).dtype == np.uint64
 
 
@@ -211,7 +247,8 @@ def test_pack_layout_is_little_endian_slots(layout: SlotLayout) -> None:
 
 def test_pack_unpack_round_trip(layout: SlotLayout) -> None:
     rng = np.random.default_rng(7)
-    for length in (1, 24, 25, 26, 60, 75):
+    assert layout.slots_per_ciphertext == 26
+    for length in (1, 25, 26, 27, 60, 78):
         slots = rng.integers(0, 1 << layout.slot_bits, length, dtype=np.uint64)
         slots[0] = (1 << layout.slot_bits) - 1
         pts = pack(layout, slots)
@@ -234,14 +271,32 @@ def test_single_device_round_trip_within_error_bound(layout: SlotLayout) -> None
     assert out.shape == (60,)
     assert out.dtype == np.float64
     bound = layout.error_bound(1.0, 1)
-    assert bound == layout.clip / 2**layout.value_bits
+    assert bound == layout.clip / (2**layout.value_bits - layout.max_devices)
     assert np.max(np.abs(out - x)) <= bound + EPS
     assert np.max(np.abs(out - x)) > 0  # quantization is real: the check above is not vacuous
 
 
-def test_grid_values_round_trip_exactly(layout: SlotLayout) -> None:
+def test_grid_values_quantize_exactly(layout: SlotLayout) -> None:
+    levels = 2**18 - 100
     x = np.array([-layout.clip, layout.clip, 0.0, layout.step, -3 * layout.step, 1.0])
-    out = decode(layout, encode(layout, x), len(x), 1.0, 1)
+    assert quantize(layout, x, 1.0).tolist() == [
+        0,
+        levels,
+        levels // 2,
+        levels // 2 + 1,
+        levels // 2 - 3,
+        3 * levels // 4,
+    ]
+
+
+def test_grid_values_round_trip_exactly_when_the_step_is_a_power_of_two() -> None:
+    # levels = 2^18 - 2^17 = 2^17, step = 4 / 2^17 = 2^-15: every grid value and every decode step is exact in float.
+    lay = SlotLayout(KEY_BITS, value_bits=18, clip=2.0, max_devices=1 << 17)
+    assert lay.levels == 1 << 17
+    assert lay.step == 2.0**-15
+    x = np.array([-lay.clip, lay.clip, 0.0, lay.step, -3 * lay.step, 1.0])
+    assert quantize(lay, x, 1.0).tolist() == [0, 1 << 17, 1 << 16, (1 << 16) + 1, (1 << 16) - 3, 3 << 15]
+    out = decode(lay, encode(lay, x), len(x), 1.0, 1)
     assert out.tolist() == x.tolist()
 
 
@@ -280,15 +335,24 @@ def test_dropout_is_corrected_by_total_weight(layout: SlotLayout) -> None:
     assert np.max(np.abs(uncorrected - expected)) > 100 * bound
 
 
+def _round_half_even(numerator: int, denominator: int) -> int:
+    """rint(numerator / denominator) in exact integer arithmetic (np.rint rounds half to even)."""
+    q, r = divmod(numerator, denominator)
+    return q + (2 * r > denominator or (2 * r == denominator and q % 2 == 1))
+
+
 def _worst_case_weights(max_devices: int, value_bits: int) -> list[float]:
     """max_devices exactly representable weights summing to exactly 1 whose slot values round *up* where possible.
 
-    w_k = u_k / 2^25, so w_k 2^18 = u_k / 128; u_k = 128 * 2621 + 65 gives a fractional part 65/128 > 1/2.
+    levels = 2^18 - 100 = 262,044 and w_k = u_k / 2^25, so w_k * levels = u_k * 262,044 / 2^25 is exact in float.
+    u = 335,424 gives 2619 + 16,789,248 / 2^25 (fractional part 0.50036 > 1/2): 99 devices round up to 2620 and
+    the remaining weight rounds down, so the slot sum is levels + 49 -- the largest an honest sum can reach, since
+    the 100 exact parts add up to exactly levels and each rounding adds strictly less than 1/2.
     """
     assert (max_devices, value_bits) == (100, 18)
-    units = [128 * 2621 + 65] * 98
-    rest = (1 << 25) - sum(units)
-    units += [rest // 2, rest - rest // 2]
+    units = [335_424] * 99
+    units.append((1 << 25) - sum(units))
+    assert units[-1] == 347_456
     assert sum(units) == 1 << 25
     weights = [u / (1 << 25) for u in units]
     assert math.fsum(weights) == 1.0 and sum(weights) == 1.0
@@ -303,7 +367,7 @@ def test_worst_case_all_at_clip_with_max_devices_encrypted(
     length = 30
     half = np.where(np.arange(length) % 2 == 0, layout.clip, -layout.clip)
     for values, expected_slot in (
-        (np.full(length, layout.clip), 98 * 2622 + 2 * 2618),  # 2^18 + 48: every possible round-up
+        (np.full(length, layout.clip), 99 * 2620 + 2713),  # 262,044 + 49: every possible round-up
         (np.full(length, -layout.clip), 0),
         (half, None),
     ):
@@ -321,7 +385,64 @@ def test_worst_case_all_at_clip_with_max_devices_encrypted(
             assert slots.tolist() == [expected_slot] * length
         out = decode(layout, agg, length, 1.0, layout.max_devices)
         assert np.max(np.abs(out - values)) <= layout.error_bound(1.0, layout.max_devices) + EPS
-    assert 98 * 2622 + 2 * 2618 == 2**18 + 48
+    assert _round_half_even(335_424 * 262_044, 1 << 25) == 2620
+    assert _round_half_even(347_456 * 262_044, 1 << 25) == 2713
+    assert 99 * 2620 + 2713 == 2**18 - 100 + 49 < 2**18
+
+
+def _round_up_units(levels: int, devices: int, denominator_bits: int = 25) -> list[int]:
+    """Numerators u_k (weights u_k / 2^D, summing to exactly 2^D) that push an all-at-+clip slot sum to its maximum.
+
+    devices - 1 equal weights whose exact slot value u * levels / 2^D has the smallest fractional part above 1/2
+    (each rounds up by almost 1/2); the last device takes the remaining weight. Pure integer arithmetic.
+    """
+    denominator, half = 1 << denominator_bits, 1 << (denominator_bits - 1)
+    u = np.arange(1, denominator // devices + 1, dtype=np.int64)
+    frac = (u * levels) % denominator
+    above = np.where(frac > half, frac - half, denominator)
+    best = int(u[int(np.argmin(above))])
+    assert (best * levels) % denominator > half
+    units = [best] * (devices - 1)
+    units.append(denominator - sum(units))
+    assert units[-1] > 0 and sum(units) == denominator
+    return units
+
+
+@pytest.mark.parametrize(
+    ("key_bits", "value_bits", "clip", "max_devices", "levels", "expected_slot"),
+    [
+        (2048, 16, 1.0, 100, 65_436, 65_436 + 49),  # the defaults
+        (512, 18, 2.0, 100, 262_044, 262_044 + 49),  # the test fixture
+        (512, 7, 1.0, 64, 64, 64 + 31),  # headroom as large as the levels
+        (1024, 10, 0.5, 24, 1000, 1000 + 11),
+    ],
+)
+def test_honest_worst_case_sum_stays_below_value_bits(
+    key_bits: int, value_bits: int, clip: float, max_devices: int, levels: int, expected_slot: int
+) -> None:
+    lay = SlotLayout(key_bits, value_bits=value_bits, clip=clip, max_devices=max_devices)
+    assert lay.levels == levels == 2**value_bits - max_devices
+    units = _round_up_units(levels, max_devices)
+    weights = [u / (1 << 25) for u in units]
+    assert sum(weights) == 1.0 and math.fsum(weights) == 1.0
+    # Independently: the slot sum is the sum of each device's rint(w_k * levels), and it can exceed levels by at
+    # most max_devices / 2 - 1 (each rounding adds < 1/2 and the exact parts add up to exactly levels).
+    independent = sum(_round_half_even(u * levels, 1 << 25) for u in units)
+    assert independent == expected_slot == levels + max_devices // 2 - 1
+    length = lay.slots_per_ciphertext + 3  # two plaintexts, the second mostly padding
+    agg = add_plaintexts([encode(lay, np.full(length, clip), w) for w in weights])
+    assert all(p < mpz(1) << (key_bits - 1) for p in agg)
+    slots = unpack(lay, agg, length)
+    assert slots[:length].tolist() == [expected_slot] * length
+    assert not slots[length:].any()
+    assert expected_slot < 2**value_bits  # strictly below: no carry into the guard bit
+    assert not np.any(slots >> np.uint64(value_bits))  # guard bit zero in every slot
+    for k, p in enumerate(agg):  # ... and, read straight off the plaintext, at every slot position
+        used = min(lay.slots_per_ciphertext, length - k * lay.slots_per_ciphertext)
+        assert all(not p.bit_test(j * lay.slot_bits + value_bits) for j in range(used))
+    assert expected_slot <= lay.slot_bound(1.0, max_devices) == levels + max_devices // 2
+    out = decode(lay, agg, length, 1.0, max_devices)
+    assert np.max(np.abs(out - clip)) <= lay.error_bound(1.0, max_devices) + EPS
 
 
 @pytest.mark.parametrize("bad", [2.0000001, -2.0000001, 3.0, -100.0, 1e300])
@@ -347,8 +468,14 @@ def test_bad_weights_are_refused(layout: SlotLayout, weight: float) -> None:
 
 
 def test_clip_boundary_is_accepted(layout: SlotLayout) -> None:
-    out = decode(layout, encode(layout, np.array([2.0, -2.0]), 1.0), 2, 1.0, 1)
-    assert out.tolist() == [2.0, -2.0]
+    x = np.array([2.0, -2.0])
+    assert quantize(layout, x, 1.0).tolist() == [2**18 - 100, 0]
+    out = decode(layout, encode(layout, x, 1.0), 2, 1.0, 1)
+    assert out[1] == -2.0
+    assert abs(out[0] - 2.0) <= layout.error_bound(1.0, 1)
+    # With a power-of-two step (levels = 2^17) the boundary decodes exactly.
+    dyadic = SlotLayout(KEY_BITS, value_bits=18, clip=2.0, max_devices=1 << 17)
+    assert decode(dyadic, encode(dyadic, x, 1.0), 2, 1.0, 1).tolist() == [2.0, -2.0]
 
 
 def test_sample_weight() -> None:
@@ -374,7 +501,7 @@ def _honest_aggregate(layout: SlotLayout, length: int, devices: int = 3) -> tupl
     return add_plaintexts(vecs), math.fsum(weights)
 
 
-@pytest.mark.parametrize("index", [0, 3, 24, 25, 30, 59])
+@pytest.mark.parametrize("index", [0, 3, 25, 26, 30, 59])
 def test_tampered_slot_above_bound_names_the_parameter(layout: SlotLayout, index: int) -> None:
     agg, w = _honest_aggregate(layout, 60)
     decode(layout, agg, 60, w, 3)  # honest aggregate is accepted
@@ -401,8 +528,8 @@ def test_several_tampered_slots_all_named(layout: SlotLayout) -> None:
 
 
 def test_nonzero_padding_slot_raises(layout: SlotLayout) -> None:
-    agg, w = _honest_aggregate(layout, 30)  # second plaintext: 5 used slots, 20 padding slots
-    for pad_index in (30, 49):
+    agg, w = _honest_aggregate(layout, 30)  # second plaintext: 4 used slots, 22 padding slots
+    for pad_index in (30, 51):
         tampered = set_slot(layout, agg, pad_index, 1)
         with pytest.raises(SlotOverflowError, match="padding") as info:
             decode(layout, tampered, 30, w, 3)
@@ -421,7 +548,7 @@ def test_plaintext_wider_than_layout_raises(layout: SlotLayout) -> None:
 
 def test_bits_between_last_slot_and_byte_boundary_raise(layout: SlotLayout) -> None:
     used = layout.slots_per_ciphertext * layout.slot_bits
-    assert used % 8 != 0  # 500 bits: bits 500..503 share the last byte with the top slot
+    assert used == 494  # 26 slots of 19 bits: bits 494, 495 share the last byte with the top slot
     agg, w = _honest_aggregate(layout, 30)
     with pytest.raises(SlotOverflowError):
         decode(layout, [agg[0] | (mpz(1) << used), agg[1]], 30, w, 3)
@@ -434,7 +561,7 @@ def test_plaintext_count_must_match_length(layout: SlotLayout) -> None:
     with pytest.raises(ValueError, match="cannot hold"):
         decode(layout, agg[:1], 30, w, 3)
     with pytest.raises(ValueError, match="cannot hold"):
-        decode(layout, agg, 25, w, 3)
+        decode(layout, agg, 26, w, 3)
 
 
 @pytest.mark.parametrize(

@@ -558,8 +558,8 @@ def test_lagrange_without_delta_is_not_integral() -> None:
 def test_end_to_end_weighted_federated_average(tpk: ThresholdPublicKey, shares: list[KeyShare]) -> None:
     rng = np.random.default_rng(314)
     pub = tpk.public_key
-    layout = SlotLayout(pub.bits, max_devices=10)
-    length = 40  # two ciphertexts per device at 25 slots each
+    layout = SlotLayout(pub.bits, value_bits=18, clip=2.0, max_devices=10)
+    length = 40  # two ciphertexts per device at 26 slots each
     samples = np.array([120, 15, 600, 48, 217])
     total = int(samples.sum())
     updates = rng.uniform(-1.9, 1.9, (5, length))
