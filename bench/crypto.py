@@ -1,7 +1,8 @@
 """`bdn bench crypto`: packed threshold Paillier on one full-size update, one core.
 
 Baseline (same run): python-paillier encrypting one EncryptedNumber per parameter, timed on a sample and
-extrapolated to the whole update. Partial decryptions of the other holders, needed only to have t real
+extrapolated to the whole update. ``reference_powmod_ms`` times one bare powmod of a partial decryption's size
+in the same run: shared hosts vary by 1.5x from hour to hour, so partial_decrypt_ms_per_ct is read against it. Partial decryptions of the other holders, needed only to have t real
 shares to combine, run in a 2-process pool and are not timed.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import gmpy2
 import numpy as np
 
 from blockdeepnet.crypto.codec import SlotLayout, sample_weight
@@ -40,6 +42,17 @@ def _naive_phe_seconds_per_value(pub: PublicKey, sample: int) -> float:
     for v in values:
         phe_pub.encrypt(float(v))
     return (time.perf_counter() - t0) / sample
+
+
+def _reference_powmod_s(pub: PublicKey, exponent_bits: int, count: int = 20) -> float:
+    """One full-size powmod mod n^2, timed now: this host's speed, to read partial_decrypt_s against."""
+    rng = np.random.default_rng(3)
+    base = gmpy2.mpz(int.from_bytes(rng.bytes(pub.ciphertext_bytes), "big")) % pub.nsquare
+    exponent = gmpy2.mpz(int.from_bytes(rng.bytes((exponent_bits + 7) // 8), "big"))
+    t0 = time.perf_counter()
+    for _ in range(count):
+        gmpy2.powmod(base, exponent, pub.nsquare)
+    return (time.perf_counter() - t0) / count
 
 
 def run(
@@ -108,6 +121,8 @@ def run(
     own = shares[0].partial_decrypt(aggregate, context)
     partial_decrypt_s = time.perf_counter() - t0
 
+    reference_powmod_s = _reference_powmod_s(pub, int((2 * tpk.delta * pub.n * pub.n).bit_length()))
+
     say(f"the other {THRESHOLD - 1} holders decrypt in parallel (not timed)...")
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as ex:
         others = list(
@@ -149,6 +164,8 @@ def run(
         "aggregate_10_s": aggregate_10_s,
         "aggregate_100_s": aggregate_100_s,
         "partial_decrypt_s": partial_decrypt_s,
+        "partial_decrypt_ms_per_ct": partial_decrypt_s / n_ct * 1e3,
+        "reference_powmod_ms": reference_powmod_s * 1e3,
         "combine_s": combine_s,
         "verify_shares_s": verify_s,
         "threshold": THRESHOLD,
