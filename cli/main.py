@@ -17,7 +17,7 @@ from blockdeepnet.data import DatasetError
 
 def _fail(message: str) -> None:
     """Print a one-line error (no traceback) and exit 2, the convention for bad input or config."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     sys.exit(2)
 
 
@@ -131,9 +131,8 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
             if event == "keygen":
                 console.print(f"dealing a {data['bits']}-bit key to {data['l']} holders (t={data['t']})...")
             elif event == "round_start":
-                tasks["train"] = bar.add_task(
-                    f"round {data['round']}: training + encrypting", total=data["devices"]
-                )
+                step = "training + encrypting" if cfg.encrypted else "training"
+                tasks["train"] = bar.add_task(f"round {data['round']}: {step}", total=data["devices"])
             elif event == "device_done":
                 bar.advance(tasks["train"])
             elif event == "decrypt_start":
@@ -149,6 +148,8 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
                 )
             elif event == "local_only_start":
                 tasks["local"] = bar.add_task("local-only baseline (each device alone)", total=None)
+            elif event == "local_only_done":
+                bar.update(tasks.pop("local"), total=1, completed=1)
 
     try:
         if bar is not None:
@@ -162,12 +163,20 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
         click.echo(json.dumps(result))
         return
     table = Table(title=f"BlockDeepNet simulation ({result['mode']})")
-    for col in ("round", "global accuracy", "global loss", "seconds", "bytes on the wire"):
+    for col in (
+        "round",
+        "global accuracy",
+        "alone, same epochs",
+        "global loss",
+        "seconds",
+        "bytes on the wire",
+    ):
         table.add_column(col, justify="right")
-    for r in result["rounds"]:
+    for r, alone in zip(result["rounds"], result["local_accuracy_curve"], strict=True):
         table.add_row(
             str(r["round"]),
             f"{r['global_accuracy']:.2%}",
+            f"{alone:.2%}",
             f"{r['global_loss']:.4f}",
             f"{r['seconds']:.1f}",
             f"{r['wire_bytes']:,}",

@@ -293,6 +293,7 @@ def run_simulation(cfg: SimulationConfig, progress: Progress | None = None) -> d
         emit("local_only_start", {"devices": cfg.devices})
         local_futs = [pool.submit(_local_only_task, d, init, len(rounds)) for d in range(cfg.devices)]
         local_curves = np.array([f.result() for f in local_futs])
+        emit("local_only_done", {"devices": cfg.devices})
     local_acc = local_curves[:, -1].tolist()
 
     assert best.weights is not None and best.round is not None
