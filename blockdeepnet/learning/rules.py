@@ -21,7 +21,7 @@ The paper counts local work in iterations (1,500 local iterations), so both rule
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -153,9 +153,17 @@ def _full_gradient(
     return (total / n).astype(np.float32), loss_sum / n
 
 
+# A rule's per-minibatch step direction: (params, x_batch, y_batch) -> (minibatch loss, flat direction).
+_Direction = Callable[[Params, npt.NDArray[np.float32], npt.NDArray[np.int64]], tuple[float, Float32Array]]
+
+
 @dataclass(frozen=True)
-class FedAvgSGD:
-    """Plain minibatch SGD for ``epochs`` epochs (or exactly ``iterations`` steps)."""
+class _MinibatchRule:
+    """Shared body of the rules: hyperparameters, their validation and the minibatch loop of ``run``.
+
+    Each step is ``w <- w - lr * direction``; a subclass only says, through ``_start``, what the direction of a
+    minibatch is and what the base loss (received weights, whole local set) is.
+    """
 
     lr: float = DEFAULT_LR
     batch_size: int = DEFAULT_BATCH
@@ -164,6 +172,13 @@ class FedAvgSGD:
 
     def __post_init__(self) -> None:
         _validate_hyper(self.lr, self.batch_size, self.epochs, self.iterations)
+
+    def _start(
+        self, buf: Float32Array, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]
+    ) -> tuple[float, _Direction]:
+        """Called once per round with the received weights ``buf`` (not yet stepped; it must not be modified
+        here) and the local set: return the base loss and the minibatch step direction."""
+        raise NotImplementedError
 
     def run(
         self,
@@ -173,51 +188,52 @@ class FedAvgSGD:
         rng: np.random.Generator,
     ) -> LocalResult:
         buf, xs, ys = _prepare(weights, x, y)
+        base_loss, direction = self._start(buf, xs, ys)
         params = as_params(buf)  # views: stepping buf in place updates params
-        base_loss, _ = evaluate(params, xs, ys, batch=_FULL_PASS_CHUNK)
         steps = steps_for(xs.shape[0], self.batch_size, self.epochs, self.iterations)
         lr = np.float32(self.lr)
         loss_sum = 0.0
         for idx in _batches(xs.shape[0], self.batch_size, steps, rng):
-            loss, grads = loss_and_grad(params, xs[idx], ys[idx])
+            loss, step = direction(params, xs[idx], ys[idx])
             loss_sum += loss
-            buf -= lr * flatten(grads)
-        _check_finite(buf, "FedAvgSGD")
+            buf -= lr * step
+        _check_finite(buf, type(self).__name__)
         return LocalResult(buf, int(xs.shape[0]), loss_sum / steps, steps, base_loss)
 
 
 @dataclass(frozen=True)
-class VarianceReduced:
+class FedAvgSGD(_MinibatchRule):
+    """Plain minibatch SGD for ``epochs`` epochs (or exactly ``iterations`` steps)."""
+
+    def _start(
+        self, buf: Float32Array, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]
+    ) -> tuple[float, _Direction]:
+        base_loss, _ = evaluate(as_params(buf), x, y, batch=_FULL_PASS_CHUNK)
+
+        def direction(
+            params: Params, xb: npt.NDArray[np.float32], yb: npt.NDArray[np.int64]
+        ) -> tuple[float, Float32Array]:
+            loss, grads = loss_and_grad(params, xb, yb)
+            return loss, flatten(grads)
+
+        return base_loss, direction
+
+
+@dataclass(frozen=True)
+class VarianceReduced(_MinibatchRule):
     """The paper's Eq. 3: SVRG-style local steps anchored at the received global weights."""
 
-    lr: float = DEFAULT_LR
-    batch_size: int = DEFAULT_BATCH
-    epochs: int = 1
-    iterations: int | None = None
+    def _start(
+        self, buf: Float32Array, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]
+    ) -> tuple[float, _Direction]:
+        anchor = as_params(buf.copy())  # w^{p-1}, fixed while buf is stepped
+        full_grad, base_loss = _full_gradient(anchor, x, y)
 
-    def __post_init__(self) -> None:
-        _validate_hyper(self.lr, self.batch_size, self.epochs, self.iterations)
-
-    def run(
-        self,
-        weights: npt.ArrayLike,
-        x: npt.NDArray[np.floating[Any]],
-        y: npt.NDArray[np.integer[Any]],
-        rng: np.random.Generator,
-    ) -> LocalResult:
-        anchor_buf, xs, ys = _prepare(weights, x, y)
-        anchor = as_params(anchor_buf)
-        full_grad, base_loss = _full_gradient(anchor, xs, ys)
-        buf = anchor_buf.copy()
-        params = as_params(buf)
-        steps = steps_for(xs.shape[0], self.batch_size, self.epochs, self.iterations)
-        lr = np.float32(self.lr)
-        loss_sum = 0.0
-        for idx in _batches(xs.shape[0], self.batch_size, steps, rng):
-            xb, yb = xs[idx], ys[idx]
+        def direction(
+            params: Params, xb: npt.NDArray[np.float32], yb: npt.NDArray[np.int64]
+        ) -> tuple[float, Float32Array]:
             loss, grads = loss_and_grad(params, xb, yb)
             _, anchor_grads = loss_and_grad(anchor, xb, yb)
-            loss_sum += loss
-            buf -= lr * (flatten(grads) - flatten(anchor_grads) + full_grad)
-        _check_finite(buf, "VarianceReduced")
-        return LocalResult(buf, int(xs.shape[0]), loss_sum / steps, steps, base_loss)
+            return loss, flatten(grads) - flatten(anchor_grads) + full_grad
+
+        return base_loss, direction

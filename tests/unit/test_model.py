@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -19,14 +21,7 @@ from blockdeepnet.learning.model import (
     unflatten,
 )
 
-
-def synthetic(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable toy images: class c lights up row band c plus noise."""
-    y = rng.integers(0, 10, n)
-    x = rng.uniform(0.0, 0.3, (n, 1, 28, 28)).astype(np.float32)
-    for i, c in enumerate(y):
-        x[i, 0, 2 + 2 * c : 4 + 2 * c, :] += 0.7
-    return x, y.astype(np.int64)
+Synthetic = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]  # the synthetic_batch fixture
 
 
 def test_parameter_count_is_the_papers() -> None:
@@ -127,10 +122,10 @@ def test_backward_matches_central_differences() -> None:
             assert abs(numeric - analytic) <= 1e-6 + 1e-4 * abs(numeric), (name, i, numeric, analytic)
 
 
-def test_float32_gradient_agrees_with_float64() -> None:
+def test_float32_gradient_agrees_with_float64(synthetic_batch: Synthetic) -> None:
     rng = np.random.default_rng(4)
     params = init_params(rng)
-    x, y = synthetic(16, rng)
+    x, y = synthetic_batch(16, rng)
     loss32, g32 = loss_and_grad(params, x, y)
     loss64, g64 = loss_and_grad(_f64(params), x.astype(np.float64), y)
     assert abs(loss32 - loss64) < 1e-5
@@ -139,10 +134,10 @@ def test_float32_gradient_agrees_with_float64() -> None:
         np.testing.assert_allclose(g32[name], g64[name], rtol=1e-3, atol=1e-6)
 
 
-def test_forward_evaluate_predict_are_consistent() -> None:
+def test_forward_evaluate_predict_are_consistent(synthetic_batch: Synthetic) -> None:
     rng = np.random.default_rng(5)
     params = init_params(rng)
-    x, y = synthetic(50, rng)
+    x, y = synthetic_batch(50, rng)
     logits = forward(params, x)
     assert logits.shape == (50, 10) and logits.dtype == np.float32
     loss, _ = loss_and_grad(params, x, y)
@@ -163,10 +158,10 @@ def test_input_validation() -> None:
         loss_and_grad(params, np.zeros((2, 1, 28, 28)), np.array([0]))
 
 
-def test_sgd_steps_reduce_the_loss() -> None:
+def test_sgd_steps_reduce_the_loss(synthetic_batch: Synthetic) -> None:
     rng = np.random.default_rng(6)
     params = init_params(rng)
-    x, y = synthetic(64, rng)
+    x, y = synthetic_batch(64, rng)
     first, _ = loss_and_grad(params, x, y)
     for _ in range(20):
         _, grads = loss_and_grad(params, x, y)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -15,21 +17,14 @@ from blockdeepnet.learning.model import (
 )
 from blockdeepnet.learning.rules import FedAvgSGD, LocalResult, LocalRule, VarianceReduced, steps_for
 
-
-def synthetic(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable toy images: class c lights up row band c plus noise."""
-    y = rng.integers(0, 10, n)
-    x = rng.uniform(0.0, 0.3, (n, 1, 28, 28)).astype(np.float32)
-    for i, c in enumerate(y):
-        x[i, 0, 2 + 2 * c : 4 + 2 * c, :] += 0.7
-    return x, y.astype(np.int64)
+Synthetic = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]  # the synthetic_batch fixture
 
 
 @pytest.fixture(scope="module")
-def setup() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def setup(synthetic_batch: Synthetic) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(11)
     w0 = flatten(init_params(rng))
-    x, y = synthetic(200, rng)
+    x, y = synthetic_batch(200, rng)
     return w0, x, y
 
 
