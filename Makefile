@@ -44,8 +44,13 @@ lint: venv
 	$(VENV)/bin/mypy blockdeepnet
 	$(VENV)/bin/lint-imports
 
+# The contract compiler (solc-js, pinned in contracts/package-lock.json): re-installed only when the lock changes.
+contracts/node_modules: contracts/package-lock.json
+	npm ci --prefix contracts --no-audit --no-fund
+	@touch $@
+
 # pytest exits 5 when it collected nothing; make treats that as a failure, so an empty suite never passes.
-test: venv deb-deps lint
+test: venv deb-deps lint contracts/node_modules
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest
 
 clean:
