@@ -6,13 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.anvil_node import Anvil, free_port
+from provisioning.anvil import AnvilProcess
 
 
 @pytest.fixture(scope="module")
-def anvil() -> Iterator[Anvil]:
-    node = Anvil(free_port())
-    try:
+def anvil() -> Iterator[AnvilProcess]:
+    """A real anvil node on a free port, stopped after the module."""
+    with AnvilProcess() as node:
         yield node
-    finally:
-        node.stop()

@@ -19,7 +19,7 @@ from blockdeepnet.ledger import (
     new_gateway_account,
     rpc_web3,
 )
-from tests.integration.anvil_node import Anvil
+from provisioning.anvil import AnvilProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -31,7 +31,7 @@ PROCESSING_REWARD = 1_000
 def w3(request: pytest.FixtureRequest) -> Web3:
     if request.param == "eth-tester":
         return embedded_web3()
-    node: Anvil = request.getfixturevalue("anvil")
+    node: AnvilProcess = request.getfixturevalue("anvil")
     return rpc_web3(node.url)
 
 
@@ -206,6 +206,6 @@ def test_gas_of_submit_and_commit(fleet: Fleet) -> None:
     assert commit_gas[1] == commit_gas[2]
 
 
-def test_anvil_node_really_is_london_with_zero_base_fee(anvil: Anvil) -> None:
+def test_anvil_node_really_is_london_with_zero_base_fee(anvil: AnvilProcess) -> None:
     w3 = rpc_web3(anvil.url)
     assert w3.eth.get_block("latest")["baseFeePerGas"] == 0
