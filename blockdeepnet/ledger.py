@@ -271,12 +271,14 @@ class Ledger:
         self._nonce += 1
         return nonce
 
-    def _build(self, fn: Any) -> dict[str, Any]:
-        """Build and dry-run a call: a revert surfaces here, decoded, before any nonce is spent."""
-        try:
-            self._rpc(lambda: fn.call({"from": self.account.address}))
-        except (ContractLogicError, TransactionFailed) as exc:
-            raise self._decode(exc) from None
+    def _build(self, fn: Any, dry_run: bool = True) -> dict[str, Any]:
+        """Build a transaction. With ``dry_run`` it is executed first as a call, so a revert surfaces here,
+        decoded, before any nonce is spent (one extra round trip)."""
+        if dry_run:
+            try:
+                self._rpc(lambda: fn.call({"from": self.account.address}))
+            except (ContractLogicError, TransactionFailed) as exc:
+                raise self._decode(exc) from None
         tx: dict[str, Any] = fn.build_transaction(
             {
                 "from": self.account.address,
@@ -319,10 +321,26 @@ class Ledger:
         """Send one transaction and wait for its receipt."""
         return self._wait(self._send(self._build(fn)))
 
-    def send_many(self, fns: Sequence[Any]) -> list[dict[str, Any]]:
-        """Pipelined: dry-run and send every transaction with consecutive local nonces, then await all receipts."""
-        hashes = [self._send(self._build(fn)) for fn in fns]
-        return [self._wait(h) for h in hashes]
+    def send_many(self, fns: Sequence[Any]) -> list[dict[str, Any] | ContractRejected]:
+        """Pipelined: send every transaction with consecutive local nonces and no dry run, then await all
+        receipts. A reverted one is replayed as a call on the state before its block to name the error."""
+        hashes = [self._send(self._build(fn, dry_run=False)) for fn in fns]
+        out: list[dict[str, Any] | ContractRejected] = []
+        for fn, tx_hash in zip(fns, hashes, strict=True):
+            try:
+                out.append(self._wait(tx_hash))
+            except ContractRejected as rejected:
+                out.append(self._explain(fn, tx_hash, rejected))
+        return out
+
+    def _explain(self, fn: Any, tx_hash: bytes, rejected: ContractRejected) -> ContractRejected:
+        receipt = self._rpc(lambda: self.w3.eth.get_transaction_receipt(HexBytes(tx_hash)))
+        before = max(int(receipt["blockNumber"]) - 1, 0)
+        try:
+            self._rpc(lambda: fn.call({"from": self.account.address}, block_identifier=before))
+        except (ContractLogicError, TransactionFailed) as exc:
+            return self._decode(exc, "0x" + tx_hash.hex())
+        return rejected  # it only fails after earlier transactions of the same block: no better name
 
     # --- the contract's operations ------------------------------------------------------------------
 
@@ -356,11 +374,23 @@ class Ledger:
         return self.transact(self._submit_fn(u))
 
     def submit_updates(self, updates: Sequence[SignedUpdate]) -> list[dict[str, Any] | None]:
-        """Relay many updates pipelined; ones already on chain are skipped (None in their place)."""
-        pending = [u for u in updates if not self.is_recorded(u)]
-        receipts = iter(self.send_many([self._submit_fn(u) for u in pending]))
-        done = {id(u) for u in pending}
-        return [next(receipts) if id(u) in done else None for u in updates]
+        """Relay many updates pipelined. Sent optimistically: an update that turns out to be on chain already
+        (a resend after a crash) comes back as None, not as an error; any other rejection is raised once every
+        receipt is in (the rest stand, and a resubmission is idempotent)."""
+        results = self.send_many([self._submit_fn(u) for u in updates])
+        out: list[dict[str, Any] | None] = []
+        first_error: ContractRejected | None = None
+        for u, result in zip(updates, results, strict=True):
+            if isinstance(result, dict):
+                out.append(result)
+            elif result.error == "DuplicateSubmission" and self.is_recorded(u):
+                out.append(None)
+            else:
+                first_error = first_error or result
+                out.append(None)
+        if first_error is not None:
+            raise first_error
+        return out
 
     def commit_global(
         self, round_no: int, aggregate_hash: bytes, merkle_root: bytes, count: int

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from blockdeepnet import __version__
 from blockdeepnet.data import DatasetError
+from cli.chain import chain
 
 
 def _fail(message: str) -> None:
@@ -210,6 +211,22 @@ def bench_crypto(key_bits: int, params: int, naive_sample: int, as_json: bool) -
     log = None if as_json else (lambda msg: console.print(msg, highlight=False))
     result = run(key_bits=key_bits, params=params, naive_sample=naive_sample, log=log)
     click.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+@bench.command("chain")
+@click.option("--tx-count", default=60, show_default=True, help="Transactions per throughput measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON object.")
+def bench_chain(tx_count: int, as_json: bool) -> None:
+    """Gas of every contract operation, and sequential vs pipelined tx/s on eth-tester and on anvil."""
+    from bench.chain import run
+
+    console = Console(stderr=True)
+    log = None if as_json else (lambda msg: console.print(msg, highlight=False))
+    result = run(tx_count=tx_count, log=log)
+    click.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+cli.add_command(chain)
 
 
 def main() -> None:

@@ -209,3 +209,15 @@ def test_gas_of_submit_and_commit(fleet: Fleet) -> None:
 def test_anvil_node_really_is_london_with_zero_base_fee(anvil: AnvilProcess) -> None:
     w3 = rpc_web3(anvil.url)
     assert w3.eth.get_block("latest")["baseFeePerGas"] == 0
+
+
+def test_a_rejected_update_in_a_pipelined_batch_is_named_and_the_rest_land(fleet: Fleet) -> None:
+    fleet.open(1)
+    good = [fleet.update(d, 1) for d in range(3)]
+    forged = replace(fleet.update(3, 1), samples=7)  # signature no longer matches
+    rejected = _expect(
+        "BadSignature", lambda: fleet.ledger.submit_updates([good[0], forged, good[1], good[2]])
+    )
+    assert rejected.tx_hash is not None
+    assert fleet.ledger.get_round(1).count == 3
+    assert all(fleet.ledger.is_recorded(u) for u in good)
