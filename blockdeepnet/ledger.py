@@ -408,6 +408,12 @@ class Ledger:
         r = self._rpc(lambda: self.contract.functions.getRound(round_no).call())
         return RoundInfo(bytes(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]), bytes(r[5]), bytes(r[6]))
 
+    def recorded_updates(self, round_no: int, from_block: int = 0) -> list[tuple[str, bytes]]:
+        """(device, payload hash) of every update the contract accepted in ``round_no``, in chain order."""
+        event = self.contract.events.UpdateSubmitted
+        logs = self._rpc(lambda: event.get_logs(from_block=from_block, argument_filters={"round": round_no}))
+        return [(str(log["args"]["device"]), bytes(log["args"]["payloadHash"])) for log in logs]
+
     def device_info(self, device: str) -> tuple[bool, bool, int]:
         r = self._rpc(lambda: self.contract.functions.deviceInfo(to_checksum_address(device)).call())
         return bool(r[0]), bool(r[1]), int(r[2])

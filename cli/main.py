@@ -226,6 +226,80 @@ def bench_chain(tx_count: int, as_json: bool) -> None:
     click.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@cli.group()
+def audit() -> None:
+    """Check what the gateway committed on chain against public material only."""
+
+
+@audit.command("round")
+@click.argument("round_no", metavar="N", type=int)
+@click.option("--rpc", required=True, help="JSON-RPC URL of a chain node.")
+@click.option("--contract", "contract", required=True, help="Address of the BlockDeepNet contract.")
+@click.option(
+    "--public-key",
+    "public_key_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The fleet's Paillier public key (JSON; a threshold public key file works too).",
+)
+@click.option(
+    "--archive",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of archived update payloads, one file per update named <payload hash hex>.bin.",
+)
+@click.option("--poa", is_flag=True, help="Besu / GoQuorum QBFT node (PoA extraData).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def audit_round_cmd(
+    round_no: int, rpc: str, contract: str, public_key_file: str, archive: str, poa: bool, as_json: bool
+) -> None:
+    """Recompute round N's aggregate and Merkle root and say whether the committed global block is honest.
+
+    Exit status: 0 honest, 1 not honest, 2 bad input or unreachable chain.
+    """
+    from pathlib import Path
+
+    from blockdeepnet.audit import CommittedBlock, RecordedUpdate, audit_round
+    from blockdeepnet.crypto.paillier import PublicKey
+    from blockdeepnet.ledger import Ledger, LedgerError, new_gateway_account, rpc_web3
+
+    try:
+        key_data = json.loads(Path(public_key_file).read_text())
+        pub = PublicKey.from_dict(key_data.get("public_key", key_data))
+        ledger = Ledger(rpc_web3(rpc, poa=poa), contract, new_gateway_account())
+        info = ledger.get_round(round_no)
+        if not info.committed:
+            _fail(f"round {round_no} has no committed global block on chain")
+        recorded = [RecordedUpdate(d, h) for d, h in ledger.recorded_updates(round_no)]
+    except (ValueError, OSError, LedgerError) as exc:
+        _fail(str(exc))
+    payloads = {}
+    for f in Path(archive).glob("*.bin"):
+        try:
+            payloads[bytes.fromhex(f.stem.removeprefix("0x"))] = f.read_bytes()
+        except ValueError:
+            continue
+    block = CommittedBlock(round_no, info.aggregate_hash, info.merkle_root, info.count)
+    report = audit_round(pub, block, recorded, payloads)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "round": round_no,
+                    "honest": report.honest,
+                    "updates": report.checked_updates,
+                    "problems": report.problems,
+                }
+            )
+        )
+    else:
+        verdict = "honest" if report.honest else "NOT honest"
+        click.echo(f"round {round_no}: {verdict} ({report.checked_updates} of {info.count} updates checked)")
+        for problem in report.problems:
+            click.echo(f"  - {problem}")
+    sys.exit(0 if report.honest else 1)
+
+
 cli.add_command(chain)
 
 
