@@ -191,6 +191,9 @@ def dev(data_dir: Path, port: int) -> None:
     from provisioning.anvil import AnvilError
     from provisioning.devchain import start_dev_chain
 
+    # Installed before anything starts, so a SIGTERM at any point stops the node cleanly (state saved).
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         node, deployment = start_dev_chain(data_dir, port)
     except (AnvilError, PermissionError) as exc:
@@ -198,8 +201,6 @@ def dev(data_dir: Path, port: int) -> None:
     click.echo(f"dev chain on {deployment.rpc_url} (chain id {deployment.chain_id})")
     click.echo(f"contract  {deployment.contract}  (deployed in block {deployment.deploy_block})")
     click.echo(f"gateway   {deployment.gateway}  (key in {data_dir / 'gateway.key'})")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.is_set() and node.proc is not None and node.proc.poll() is None:
             stop.wait(0.5)

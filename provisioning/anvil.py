@@ -8,11 +8,14 @@ so a dev chain survives restarts.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +43,12 @@ def find_anvil() -> Path:
         f"anvil not found (looked at $BDN_ANVIL, {NODE_MODULES}/@foundry-rs/anvil-*/bin and PATH): run "
         "`npm ci --prefix contracts` (make test does) or install @foundry-rs/anvil"
     )
+
+
+def _die_with_parent() -> None:
+    """Linux: the node gets SIGTERM when the process that started it dies, so a crash leaves no orphan."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -75,7 +84,9 @@ class AnvilProcess:
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             args += ["--state", str(self.state_file)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
         self._wait_ready(timeout)
         return self
 
