@@ -271,12 +271,14 @@ class Ledger:
         self._nonce += 1
         return nonce
 
-    def _build(self, fn: Any, dry_run: bool = True) -> dict[str, Any]:
+    def _build(self, fn: Any, dry_run: bool = True, value: int = 0) -> dict[str, Any]:
         """Build a transaction. With ``dry_run`` it is executed first as a call, so a revert surfaces here,
         decoded, before any nonce is spent (one extra round trip)."""
         if dry_run:
             try:
-                self._rpc(lambda: fn.call({"from": self.account.address}))
+                self._rpc(
+                    lambda: fn.call({"from": self.account.address, "value": Wei(value), "gasPrice": Wei(0)})
+                )
             except (ContractLogicError, TransactionFailed) as exc:
                 raise self._decode(exc) from None
         tx: dict[str, Any] = fn.build_transaction(
@@ -286,6 +288,7 @@ class Ledger:
                 "gasPrice": 0,
                 "nonce": 0,
                 "chainId": self._chain_id,
+                "value": value,
             }
         )
         tx["nonce"] = self._next_nonce()
@@ -317,9 +320,9 @@ class Ledger:
             raise ContractRejected("Reverted", (), "0x" + tx_hash.hex())
         return dict(receipt)
 
-    def transact(self, fn: Any) -> dict[str, Any]:
-        """Send one transaction and wait for its receipt."""
-        return self._wait(self._send(self._build(fn)))
+    def transact(self, fn: Any, value: int = 0) -> dict[str, Any]:
+        """Send one transaction (paying ``value`` wei) and wait for its receipt."""
+        return self._wait(self._send(self._build(fn, value=value)))
 
     def send_many(self, fns: Sequence[Any]) -> list[dict[str, Any] | ContractRejected]:
         """Pipelined: send every transaction with consecutive local nonces and no dry run, then await all
@@ -337,7 +340,9 @@ class Ledger:
         receipt = self._rpc(lambda: self.w3.eth.get_transaction_receipt(HexBytes(tx_hash)))
         before = max(int(receipt["blockNumber"]) - 1, 0)
         try:
-            self._rpc(lambda: fn.call({"from": self.account.address}, block_identifier=before))
+            self._rpc(
+                lambda: fn.call({"from": self.account.address, "gasPrice": Wei(0)}, block_identifier=before)
+            )
         except (ContractLogicError, TransactionFailed) as exc:
             return self._decode(exc, "0x" + tx_hash.hex())
         return rejected  # it only fails after earlier transactions of the same block: no better name

@@ -221,3 +221,20 @@ def test_a_rejected_update_in_a_pipelined_batch_is_named_and_the_rest_land(fleet
     assert rejected.tx_hash is not None
     assert fleet.ledger.get_round(1).count == 3
     assert all(fleet.ledger.is_recorded(u) for u in good)
+
+
+def test_rewards_are_withdrawn_by_their_owner_from_the_pool(fleet: Fleet) -> None:
+    fleet.open(1)
+    update = fleet.update(0, 1, samples=500)
+    fleet.ledger.submit_update(update)
+    device_key, device_address = fleet.devices[0]
+    as_device = Ledger(fleet.w3, fleet.ledger.address, Account.from_key(device_key))
+    owed = DATA_REWARD * 500
+    assert as_device.balance_of(device_address) == owed
+    _expect("InsufficientPool", lambda: as_device.withdraw())  # nobody funded the pool yet
+    fleet.ledger.transact(fleet.ledger.contract.functions.fund(), value=owed)
+    before = fleet.w3.eth.get_balance(device_address)
+    as_device.withdraw()  # gas price 0: a device needs no ether to claim
+    assert fleet.w3.eth.get_balance(device_address) == before + owed
+    assert as_device.balance_of(device_address) == 0
+    _expect("NothingToWithdraw", lambda: as_device.withdraw())
