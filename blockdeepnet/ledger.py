@@ -243,7 +243,7 @@ class Ledger:
                 return call()
             except (ContractLogicError, TransactionFailed, LedgerError):
                 raise
-            except (ConnectionError, OSError, TimeoutError) as exc:
+            except OSError as exc:  # requests, urllib3 and socket errors all derive from it
                 if attempt == attempts:
                     raise LedgerUnavailable(
                         f"chain node unreachable after {attempts + 1} attempts ({exc}); check the node is running "
