@@ -187,7 +187,10 @@ class Ledger:
         retries: int = 5,
         backoff_s: float = 0.2,
         receipt_timeout_s: float = 60.0,
+        chain_id: int | None = None,
     ) -> None:
+        """``chain_id``: the chain this fleet is configured for; a node on any other chain is refused rather
+        than having transactions signed for it."""
         self.w3 = w3
         self.artifact = artifact or Artifact.load()
         self.address = to_checksum_address(address)
@@ -198,6 +201,11 @@ class Ledger:
         self.receipt_timeout_s = receipt_timeout_s
         self._errors = _error_table(self.artifact.abi)
         self._chain_id = self._rpc(lambda: w3.eth.chain_id)
+        if chain_id is not None and chain_id != self._chain_id:
+            raise LedgerError(
+                f"the node at this RPC URL is on chain {self._chain_id}, but the fleet is configured for chain "
+                f"{chain_id}: check the RPC URL (or the configured chain id)"
+            )
         self._nonce: int | None = None
         self.deploy_gas: int | None = None  # set by deploy(): the measured deployment gas
 

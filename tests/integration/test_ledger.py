@@ -13,6 +13,7 @@ from blockdeepnet import eip712
 from blockdeepnet.ledger import (
     ContractRejected,
     Ledger,
+    LedgerError,
     SignedUpdate,
     embedded_web3,
     fund_from_node_account,
@@ -238,3 +239,10 @@ def test_rewards_are_withdrawn_by_their_owner_from_the_pool(fleet: Fleet) -> Non
     assert fleet.w3.eth.get_balance(device_address) == before + owed
     assert as_device.balance_of(device_address) == 0
     _expect("NothingToWithdraw", lambda: as_device.withdraw())
+
+
+def test_a_node_on_another_chain_is_refused(fleet: Fleet) -> None:
+    own = fleet.ledger.chain_id()
+    assert Ledger(fleet.w3, fleet.ledger.address, fleet.ledger.account, chain_id=own).chain_id() == own
+    with pytest.raises(LedgerError, match=f"on chain {own}, but the fleet is configured for chain {own + 1}"):
+        Ledger(fleet.w3, fleet.ledger.address, fleet.ledger.account, chain_id=own + 1)
