@@ -128,6 +128,8 @@ def _worker_init(cfg: SimulationConfig, tpk: dict[str, Any] | None, layout: dict
         tpk=ThresholdPublicKey.from_dict(tpk) if tpk else None,
         layout=SlotLayout.from_dict(layout) if layout else None,
         table=None,
+        test_x=data.test_x,
+        test_y=data.test_y,
     )
 
 
@@ -173,13 +175,12 @@ def _local_only_task(device: int, init: np.ndarray, rounds_run: int) -> list[flo
     """The device trained alone, from the same initial model with the same local rule and batches, evaluated
     on the test set after each round's worth of epochs (the last entry: the same epochs the federation ran)."""
     cfg: SimulationConfig = _STATE["cfg"]
-    test = _STATE.setdefault("test", load_fashion_mnist(cfg.data_dir))
     weights = init
     curve = []
     for round_no in range(1, rounds_run + 1):
         rng = np.random.default_rng([cfg.seed, round_no, device])
         weights = _rule(cfg).run(weights, _STATE["x"][device], _STATE["y"][device], rng).weights
-        curve.append(evaluate(unflatten(weights), test.test_x, test.test_y)[1])
+        curve.append(evaluate(unflatten(weights), _STATE["test_x"], _STATE["test_y"])[1])
     return curve
 
 

@@ -109,7 +109,8 @@ class AnvilProcess:
         req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
-                return json.loads(resp.read()).get("result")
+                result: object | None = json.loads(resp.read()).get("result")
+                return result
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None
 

@@ -17,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 
 from blockdeepnet.ledger import Ledger, fund_from_node_account, rpc_web3
 from provisioning.anvil import AnvilProcess
+from provisioning.private_files import write_private
 
 DEV_CHAIN_ID = 31337
 
@@ -30,14 +31,6 @@ class Deployment:
     deploy_block: int
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Create a secret file readable by its owner only (never through a world-readable moment)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
-
-
 def load_or_create_gateway_key(data_dir: Path) -> LocalAccount:
     path = data_dir / "gateway.key"
     if path.exists():
@@ -46,7 +39,7 @@ def load_or_create_gateway_key(data_dir: Path) -> LocalAccount:
         acct: LocalAccount = Account.from_key(path.read_text().strip())
         return acct
     acct = Account.create()
-    _write_private(path, acct.key.hex() + "\n")
+    write_private(path, acct.key.hex() + "\n")
     return acct
 
 

@@ -40,6 +40,8 @@ from eth_account import Account
 from eth_keys.datatypes import PrivateKey
 from eth_utils.address import is_checksum_address, to_checksum_address
 
+from provisioning.private_files import write_private
+
 Client = Literal["besu", "goquorum"]
 CLIENTS: tuple[Client, ...] = ("besu", "goquorum")
 
@@ -431,16 +433,6 @@ def genesis_for(client: Client, validators: Sequence[str], **kwargs: Any) -> dic
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Create ``path`` with mode 0600 from the first byte on (no window where it is world-readable)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact anyway
-        os.write(fd, text.encode("ascii"))
-    finally:
-        os.close(fd)
-
-
 def _clear_previous(out_dir: Path) -> None:
     """Remove what an earlier ``write_consortium`` left in ``out_dir``, and only that."""
     for entry in out_dir.iterdir():
@@ -495,7 +487,7 @@ def write_consortium(
         directory.mkdir(mode=0o700)
         directory.chmod(0o700)
         key_path = directory / "key"
-        _write_private(key_path, k.private_key.hex())
+        write_private(key_path, k.private_key.hex())
         pub_path = directory / "key.pub"
         pub_path.write_text("0x" + k.public_key + "\n", encoding="ascii")
         address_path = directory / "address"
