@@ -22,7 +22,7 @@ help:
 $(VENV)/.stamp: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[gateway,agent,demo,dev]'
 	@touch $@
 
 venv: $(VENV)/.stamp

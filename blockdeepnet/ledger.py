@@ -109,6 +109,15 @@ class SignedUpdate:
     signature: bytes
 
 
+@dataclass(frozen=True)
+class RecordedEvent:
+    device: str
+    payload_hash: bytes
+    tx_hash: bytes
+    block_number: int
+    log_index: int
+
+
 def embedded_web3() -> Web3:
     """An in-process London chain with base fee 0 (eth-tester + py-evm), its first account funded."""
     from eth.vm.forks.london import LondonVM
@@ -427,6 +436,22 @@ class Ledger:
         logs = self._rpc(lambda: event.get_logs(from_block=from_block, argument_filters={"round": round_no}))
         return [(str(log["args"]["device"]), bytes(log["args"]["payloadHash"])) for log in logs]
 
+    def update_events(self, round_no: int, from_block: int = 0) -> list[RecordedEvent]:
+        """Every UpdateSubmitted event of ``round_no`` with where it landed, in chain order: lets a restarted
+        relay find the transaction of an update it sent but never saw confirmed."""
+        event = self.contract.events.UpdateSubmitted
+        logs = self._rpc(lambda: event.get_logs(from_block=from_block, argument_filters={"round": round_no}))
+        return [
+            RecordedEvent(
+                device=str(log["args"]["device"]),
+                payload_hash=bytes(log["args"]["payloadHash"]),
+                tx_hash=bytes(log["transactionHash"]),
+                block_number=int(log["blockNumber"]),
+                log_index=int(log["logIndex"]),
+            )
+            for log in logs
+        ]
+
     def device_info(self, device: str) -> tuple[bool, bool, int]:
         r = self._rpc(lambda: self.contract.functions.deviceInfo(to_checksum_address(device)).call())
         return bool(r[0]), bool(r[1]), int(r[2])
@@ -453,6 +478,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerUnavailable",
+    "RecordedEvent",
     "RoundInfo",
     "SignedUpdate",
     "embedded_web3",

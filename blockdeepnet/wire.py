@@ -72,6 +72,7 @@ UPDATE_MAX_BYTES: Final = 1_200_000
 ROUND_MAX_BYTES: Final = 8 * 1024
 RECEIPT_MAX_BYTES: Final = 2 * 1024
 STATE_MAX_BYTES: Final = 256
+REPORT_MAX_BYTES: Final = 256
 GLOBAL_MAX_BYTES: Final = 1_300_000
 """GlobalBlock: a full aggregate plus up to MAX_DEVICES addresses (~45 KB) and hashes."""
 SHARE_MAX_BYTES: Final = 1_300_000
@@ -549,9 +550,40 @@ class Share(_Message):
         _bytes("proof_z", self.proof_z, maximum=PROOF_MAX_BYTES)
 
 
+def _metric(name: str, value: object, maximum: float) -> float:
+    # A float that is not a finite number in [0, maximum] is no loss or accuracy; ints are not accepted
+    # either, so one value has exactly one encoding.
+    if type(value) is not float or not math.isfinite(value) or not 0.0 <= value <= maximum:
+        raise _malformed(f"{name} must be a finite float in [0, {maximum}], got {value!r:.40}")
+    return value
+
+
+@_check_keys
+@dataclass(frozen=True)
+class Report(_Message):
+    """On ``dev/<addr>/report`` after a device applied global block ``round``: the new global model's loss on
+    the device's own training data (the lowest-loss rule picks the final round by the sample-weighted mean of
+    these) and, where the device holds a labelled test set, its accuracy there (``None`` otherwise)."""
+
+    round: int
+    samples: int
+    loss: float
+    accuracy: float | None
+
+    _KEYS: ClassVar[dict[str, str]] = {"round": "r", "samples": "s", "loss": "lo", "accuracy": "ac"}
+    _MAX_BYTES: ClassVar[int] = REPORT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        _uint("round", self.round)
+        _uint("samples", self.samples, minimum=1)
+        _metric("loss", self.loss, 1e6)
+        if self.accuracy is not None:
+            _metric("accuracy", self.accuracy, 1.0)
+
+
 # --------------------------------------------------------------------------------------------------- topics
 
-TopicKind = Literal["round", "update", "receipt", "state", "global", "share", "gateway_state"]
+TopicKind = Literal["round", "update", "receipt", "state", "report", "global", "share", "gateway_state"]
 
 
 @dataclass(frozen=True)
@@ -604,6 +636,9 @@ class Topics:
     def state(self, addr: str) -> str:
         return f"{self.prefix}dev/{_topic_address(addr)}/state"
 
+    def report(self, addr: str) -> str:
+        return f"{self.prefix}dev/{_topic_address(addr)}/report"
+
     def global_block(self, round: int) -> str:
         return f"{self.prefix}global/{_topic_round(round)}"
 
@@ -619,6 +654,15 @@ class Topics:
 
     def all_states(self) -> str:
         return f"{self.prefix}dev/+/state"
+
+    def all_reports(self) -> str:
+        return f"{self.prefix}dev/+/report"
+
+    def all_globals(self) -> str:
+        return f"{self.prefix}global/+"
+
+    def every_share(self) -> str:
+        return f"{self.prefix}share/+/+"
 
     def all_shares(self, round: int) -> str:
         return f"{self.prefix}share/{_topic_round(round)}/+"
@@ -643,6 +687,8 @@ class Topics:
                 return ParsedTopic("receipt", device=_topic_address(addr))
             case ["dev", addr, "state"]:
                 return ParsedTopic("state", device=_topic_address(addr))
+            case ["dev", addr, "report"]:
+                return ParsedTopic("report", device=_topic_address(addr))
             case ["global", r]:
                 return ParsedTopic("global", round=_parse_round(r))
             case ["share", r, addr]:
@@ -663,6 +709,7 @@ __all__ = [
     "MAX_CIPHERTEXTS",
     "MAX_DEVICES",
     "RECEIPT_MAX_BYTES",
+    "REPORT_MAX_BYTES",
     "ROUND_MAX_BYTES",
     "SHARE_MAX_BYTES",
     "STATE_MAX_BYTES",
@@ -677,6 +724,7 @@ __all__ = [
     "ParsedTopic",
     "ReasonCode",
     "Receipt",
+    "Report",
     "RoundOpen",
     "Share",
     "TopicKind",

@@ -1,0 +1,288 @@
+"""TOML configuration of the two daemons (``gateway.toml``, ``agent.toml``): defaults and validation.
+
+Every key is optional except where a value cannot be guessed (the fleet file, the device key). Unknown keys
+are errors, not silently ignored: a typo in ``qourum`` must not leave the default in force unnoticed.
+Relative paths are resolved against the config file's folder, so a fleet folder can be moved as a whole.
+Errors are :class:`ConfigError` with the file, the dotted key and what is expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How to reach (or, for the gateway, run) the MQTT broker.
+
+    ``mode = "embedded"`` (gateway only) runs amqtt inside the gateway on ``host:port``; ``port = 0`` picks a
+    free port. ``"external"`` connects to a broker such as Mosquitto. ``password_file`` holds the client's own
+    MQTT password (one line, mode 0600) so it never sits in a config file that is shared or logged.
+    """
+
+    mode: str = "external"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive_s: int = 30
+    client_id: str = ""
+    # Embedded broker only: amqtt FileAuthPlugin password file (user:argon2-hash lines) and whether the
+    # DESIGN §3 topic ACL is enforced. No password file = anonymous clients allowed (demo on loopback only).
+    users_file: Path | None = None
+    acl: bool = True
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read broker password file {self.password_file}: {exc.strerror}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """When the gateway closes a round.
+
+    It closes as soon as ``quorum`` updates are on chain, or when every device that is online (by its retained
+    state / last will) has submitted and at least ``min_updates`` are in, or at ``deadline_s`` after opening
+    with at least ``min_updates``. With fewer at the deadline it extends the round by ``deadline_s`` up to
+    ``max_extensions`` times, then skips it (reason logged, next round on the same base model).
+    ``max_rounds = 0`` runs until stopped.
+    """
+
+    quorum: int = 0  # 0 = every registered device
+    min_updates: int = 2
+    deadline_s: float = 300.0
+    max_extensions: int = 2
+    max_rounds: int = 0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = ""  # empty: SQLite file gateway.db in the state dir
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The gateway's HTTP endpoint: ``/metrics``, ``/healthz``, and ``/rpc`` (a read-only JSON-RPC view of the
+    embedded chain, so devices can check commits when the chain lives in the gateway). ``port = 0``: a free
+    port; ``enabled = false``: no endpoint."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    fleet_file: Path
+    key_file: Path  # the gateway's Ethereum key (hex), mode 0600
+    state_dir: Path
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    max_update_bytes: int = 0  # 0 = wire.UPDATE_MAX_BYTES
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.state_dir / 'gateway.db'}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The device's local training data. ``source = "fashion-mnist-shard"`` takes shard ``shard`` of ``shards``
+    of the paper split (simulation and demo); ``"npz"`` reads ``path`` with arrays ``x`` (N,28,28 uint8 or
+    float) and ``y`` (N labels)."""
+
+    source: str = "fashion-mnist-shard"
+    shard: int = 0
+    shards: int = 10
+    seed: int = 7
+    path: Path | None = None
+    data_dir: Path | None = None
+    evaluate_test: bool = False  # report accuracy on the Fashion-MNIST test set (demo)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rule: str = "fedavg"
+    lr: float = 0.2
+    batch_size: int = 32
+    local_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    fleet_file: Path
+    key_file: Path  # the device's secp256k1 key (hex), mode 0600
+    state_dir: Path
+    share_file: Path | None = None  # key holders only: the KeyShare JSON, mode 0600
+    chain_rpc: str = ""  # JSON-RPC URL to check commits; empty = the fleet's chain URL
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    receipt_timeout_s: float = 30.0
+    max_publish_attempts: int = 5
+    standby_delay_s: float = 20.0  # a holder outside this round's primary t waits this long before sharing
+    min_aggregate_devices: int = 2  # refuse to decrypt an aggregate of fewer updates (it would reveal one)
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], raw: dict[str, Any], where: str, base: Path) -> _T:
+    """Construct dataclass ``cls`` from a TOML table, type-checking each key and resolving paths."""
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    nested = {
+        "broker": BrokerConfig,
+        "store": StoreConfig,
+        "rounds": RoundsConfig,
+        "http": HttpConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+    }
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        ftype = str(known[name].type)
+        if name in nested and isinstance(value, dict):
+            values[name] = _build(nested[name], value, key, base)
+        elif "Path" in ftype:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{key} must be a non-empty path string")
+            p = Path(value).expanduser()
+            values[name] = p if p.is_absolute() else (base / p)
+        elif ftype == "bool":
+            if type(value) is not bool:
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
+            values[name] = value
+        elif ftype == "int":
+            if type(value) is not int:
+                raise ConfigError(f"{key} must be an integer, got {value!r}")
+            values[name] = value
+        elif ftype == "float":
+            if type(value) not in (int, float):
+                raise ConfigError(f"{key} must be a number, got {value!r}")
+            values[name] = float(value)
+        elif ftype == "str":
+            if type(value) is not str:
+                raise ConfigError(f"{key} must be a string, got {value!r}")
+            values[name] = value
+        else:
+            raise ConfigError(f"{key} must be a table")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        missing = [n for n, f in known.items() if n not in values and _required(f)]
+        raise ConfigError(f"{where or 'config'}: missing required key(s) {', '.join(missing)}") from exc
+
+
+def _required(f: Any) -> bool:
+    from dataclasses import MISSING
+
+    return bool(f.default is MISSING and f.default_factory is MISSING)
+
+
+def _read(path: str | Path) -> tuple[dict[str, Any], Path]:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh), p.resolve().parent
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
+
+
+def _check_broker(b: BrokerConfig, where: str, embedded_ok: bool) -> None:
+    modes = ("embedded", "external") if embedded_ok else ("external",)
+    if b.mode not in modes:
+        raise ConfigError(f"{where}.mode must be one of {', '.join(modes)}, got {b.mode!r}")
+    if not 0 <= b.port <= 65535 or (b.port == 0 and b.mode == "external"):
+        raise ConfigError(f"{where}.port must be 1..65535 (0 = pick a free one, embedded only), got {b.port}")
+    if (b.tls_cert is None) != (b.tls_key is None):
+        raise ConfigError(f"{where}: tls_cert and tls_key go together")
+    if b.keepalive_s < 5:
+        raise ConfigError(f"{where}.keepalive_s must be >= 5")
+    if b.password_file is not None and not b.username:
+        raise ConfigError(f"{where}: password_file needs a username")
+
+
+def _check_rounds(r: RoundsConfig) -> None:
+    if r.quorum < 0 or r.min_updates < 1 or r.max_extensions < 0 or r.max_rounds < 0:
+        raise ConfigError("rounds: quorum >= 0, min_updates >= 1, max_extensions >= 0, max_rounds >= 0")
+    if r.quorum and r.quorum < r.min_updates:
+        raise ConfigError(f"rounds.quorum ({r.quorum}) is below rounds.min_updates ({r.min_updates})")
+    if not r.deadline_s > 0:
+        raise ConfigError("rounds.deadline_s must be positive")
+
+
+def gateway_config(raw: dict[str, Any], base: Path) -> GatewayConfig:
+    """Validate a parsed ``gateway.toml`` (``base``: the folder relative paths start from)."""
+    cfg = _build(GatewayConfig, raw, "", base)
+    _check_broker(cfg.broker, "broker", embedded_ok=True)
+    _check_rounds(cfg.rounds)
+    if not 0 <= cfg.http.port <= 65535:
+        raise ConfigError("http.port must be 0..65535")
+    if cfg.max_update_bytes < 0:
+        raise ConfigError("max_update_bytes must be >= 0")
+    if cfg.store.url and not cfg.store.url.startswith(("sqlite:", "postgresql")):
+        raise ConfigError(
+            f"store.url must be a sqlite:/// or postgresql:// URL, got {cfg.store.url.split(':')[0]}:"
+        )
+    return cfg
+
+
+def agent_config(raw: dict[str, Any], base: Path) -> AgentConfig:
+    """Validate a parsed ``agent.toml``."""
+    cfg = _build(AgentConfig, raw, "", base)
+    _check_broker(cfg.broker, "broker", embedded_ok=False)
+    d = cfg.data
+    if d.source not in ("fashion-mnist-shard", "npz"):
+        raise ConfigError(f"data.source must be 'fashion-mnist-shard' or 'npz', got {d.source!r}")
+    if d.source == "npz" and d.path is None:
+        raise ConfigError("data.path is required when data.source is 'npz'")
+    if d.source == "fashion-mnist-shard" and not 0 <= d.shard < d.shards:
+        raise ConfigError(f"data.shard must be in 0..{d.shards - 1}")
+    t = cfg.train
+    if t.rule not in ("fedavg", "eq3") or t.lr <= 0 or t.batch_size < 1 or t.local_epochs < 1:
+        raise ConfigError("train: rule 'fedavg'|'eq3', lr > 0, batch_size >= 1, local_epochs >= 1")
+    if cfg.receipt_timeout_s <= 0 or cfg.max_publish_attempts < 1 or cfg.standby_delay_s < 0:
+        raise ConfigError("receipt_timeout_s > 0, max_publish_attempts >= 1, standby_delay_s >= 0")
+    if cfg.min_aggregate_devices < 1:
+        raise ConfigError("min_aggregate_devices must be >= 1")
+    return cfg
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    raw, base = _read(path)
+    try:
+        return gateway_config(raw, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    raw, base = _read(path)
+    try:
+        return agent_config(raw, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
