@@ -37,10 +37,12 @@ class BrokerConfig:
     tls_key: Path | None = None
     keepalive_s: int = 30
     client_id: str = ""
-    # Embedded broker only: amqtt FileAuthPlugin password file (user:argon2-hash lines) and whether the
-    # DESIGN §3 topic ACL is enforced. No password file = anonymous clients allowed (demo on loopback only).
+    # Embedded broker only: amqtt FileAuthPlugin password file (user:argon2-hash lines), whether the DESIGN §3
+    # topic ACL is enforced, and read-only monitor users (dashboards, the demo's display). Without a password
+    # file any client that names a username is let in unchecked (loopback demo only); anonymous ones never.
     users_file: Path | None = None
     acl: bool = True
+    monitors: str = ""  # comma-separated usernames
 
     def password(self) -> str | None:
         if self.password_file is None:
@@ -222,7 +224,8 @@ def _check_broker(b: BrokerConfig, where: str, embedded_ok: bool) -> None:
         raise ConfigError(f"{where}: tls_cert and tls_key go together")
     if b.keepalive_s < 5:
         raise ConfigError(f"{where}.keepalive_s must be >= 5")
-    if b.password_file is not None and not b.username:
+    if embedded_ok and b.password_file is not None and not b.username:
+        # (An agent's username defaults to its device address, so only the gateway must name one.)
         raise ConfigError(f"{where}: password_file needs a username")
 
 

@@ -377,7 +377,8 @@ class Ledger:
     def open_round(self, round_no: int, base_model_hash: bytes, deadline_block: int) -> dict[str, Any]:
         return self.transact(self.contract.functions.openRound(round_no, base_model_hash, deadline_block))
 
-    def _submit_fn(self, u: SignedUpdate) -> Any:
+    def submit_call(self, u: SignedUpdate) -> Any:
+        """The contract call that records ``u`` (for :meth:`send_many` batches)."""
         return self.contract.functions.submitUpdate(
             u.round, to_checksum_address(u.device), u.payload_hash, u.samples, u.compute_ms, u.signature
         )
@@ -393,13 +394,13 @@ class Ledger:
         """Relay one signed update. Returns the receipt, or None when it was already on chain."""
         if self.is_recorded(u):
             return None
-        return self.transact(self._submit_fn(u))
+        return self.transact(self.submit_call(u))
 
     def submit_updates(self, updates: Sequence[SignedUpdate]) -> list[dict[str, Any] | None]:
         """Relay many updates pipelined. Sent optimistically: an update that turns out to be on chain already
         (a resend after a crash) comes back as None, not as an error; any other rejection is raised once every
         receipt is in (the rest stand, and a resubmission is idempotent)."""
-        results = self.send_many([self._submit_fn(u) for u in updates])
+        results = self.send_many([self.submit_call(u) for u in updates])
         out: list[dict[str, Any] | None] = []
         first_error: ContractRejected | None = None
         for u, result in zip(updates, results, strict=True):
@@ -420,6 +421,13 @@ class Ledger:
         return self.transact(
             self.contract.functions.commitGlobal(round_no, aggregate_hash, merkle_root, count)
         )
+
+    def commit_tx(self, round_no: int) -> bytes | None:
+        """The transaction that committed ``round_no``'s global block, or None: lets a restarted gateway
+        finish a round whose commit it sent but never saw confirmed."""
+        event = self.contract.events.GlobalCommitted
+        logs = self._rpc(lambda: event.get_logs(from_block=0, argument_filters={"round": round_no}))
+        return bytes(logs[0]["transactionHash"]) if logs else None
 
     def withdraw(self) -> dict[str, Any]:
         return self.transact(self.contract.functions.withdraw())

@@ -332,6 +332,15 @@ def run_simulation(cfg: SimulationConfig, progress: Progress | None = None) -> d
     }
 
 
+def local_only_curves(cfg: SimulationConfig, rounds: int) -> np.ndarray:
+    """Each device trained alone for ``rounds`` rounds' worth of epochs (test accuracy after each): the
+    baseline the federation is compared with, computed exactly as ``run_simulation`` does."""
+    with _pool(cfg, None, None) as pool:
+        init = flatten(init_params(np.random.default_rng([cfg.seed, 0x1417])))
+        futures = [pool.submit(_local_only_task, d, init, rounds) for d in range(cfg.devices)]
+        return np.array([f.result() for f in futures])
+
+
 def expected_minutes(cfg: SimulationConfig) -> float:
     """Rough duration on 2 x86 cores, for telling the user up front (see README figures)."""
     train = cfg.devices * cfg.local_epochs * 4.0 / min(cfg.workers, cfg.devices)

@@ -28,15 +28,19 @@ class Accumulator:
         self.vectors = 0
         self._acc: list[mpz] | None = None
 
-    def add(self, ciphertexts: Sequence[int | mpz], multiplier: int = 1) -> None:
-        """Fold one vector in (after range-checking all of it: nothing is folded if any element is bad)."""
+    def add(self, ciphertexts: Sequence[int | mpz], multiplier: int = 1, *, checked: bool = False) -> None:
+        """Fold one vector in (after range-checking all of it: nothing is folded if any element is bad).
+
+        ``checked=True`` skips the range check for a vector that already passed
+        :meth:`PublicKey.check_ciphertexts` (the gateway checks every update once, on arrival; checking again
+        here would cost a third of the fold)."""
         if len(ciphertexts) != self.length:
             raise CiphertextRangeError(f"expected {self.length} ciphertexts, got {len(ciphertexts)}")
         if multiplier < 1:
             raise ValueError("multiplier must be a positive integer")
         if self.max_summands is not None and self.summands + multiplier > self.max_summands:
             raise ValueError(f"aggregate would exceed {self.max_summands} summands, the layout's headroom")
-        cs = self.public_key.check_ciphertexts(ciphertexts)
+        cs = list(ciphertexts) if checked else self.public_key.check_ciphertexts(ciphertexts)
         n2 = self.public_key.nsquare
         if multiplier != 1:
             cs = [self.public_key.mul_const(c, multiplier) for c in cs]

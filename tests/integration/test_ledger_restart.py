@@ -48,7 +48,7 @@ def test_every_update_lands_exactly_once_across_an_anvil_crash(tmp_path: Path) -
         # dumped is gone.
         ledger = Ledger(rpc_web3(node.url), ledger.address, gateway, retries=1, backoff_s=0.05)
         for u in updates[: DEVICES // 2]:
-            ledger._send(ledger._build(ledger._submit_fn(u)))
+            ledger._send(ledger._build(ledger.submit_call(u)))
         node.kill()
         with pytest.raises(LedgerUnavailable, match="unreachable"):
             ledger.submit_updates(updates)

@@ -1,0 +1,66 @@
+"""`bdn agent`: the device daemon (firmware_agent) from the command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+
+
+def _fail(message: str) -> None:
+    """Print a one-line error (no traceback) and exit 2, the convention for bad input or config."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(2)
+
+
+def _setup_logging(level: str) -> None:
+    """Rich, coloured lines on a terminal; plain one-line records otherwise (journald adds the time stamp)."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def agent() -> None:
+    """The device agent: trains locally, publishes encrypted signed updates, shares decryption duty."""
+
+
+@agent.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The device's agent.toml.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least severe log messages shown (stderr).",
+)
+def run(config_path: Path, log_level: str) -> None:
+    """Run the agent in the foreground until SIGTERM or Ctrl-C.
+
+    Set-up problems (config, key file permissions, key share, data, state folder) are reported before it
+    connects, as one line, with exit status 2. Broker and chain outages are not errors: it retries.
+    """
+    from firmware_agent.errors import AgentSetupError
+    from firmware_agent.service import build_agent, run_forever
+
+    _setup_logging(log_level.upper())
+    try:
+        device = build_agent(config_path)
+    except AgentSetupError as exc:
+        _fail(str(exc))
+    run_forever(device)

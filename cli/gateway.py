@@ -1,0 +1,74 @@
+"""`bdn gateway run`: the edge gateway daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from blockdeepnet.config import ConfigError, load_gateway_config
+from blockdeepnet.fleet import Fleet, FleetError
+from blockdeepnet.ledger import LedgerError
+from cli.errors import fail
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr (journald adds its own timestamps under systemd)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("amqtt", "transitions", "web3", "urllib3", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group()
+def gateway() -> None:
+    """The edge gateway: validates devices' encrypted updates, records them on chain, aggregates, republishes."""
+
+
+@gateway.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="gateway.toml (fleet file, keys, broker, store, rounds, http).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def run(config_path: Path, log_level: str) -> None:
+    """Run the gateway until SIGTERM/SIGINT (or rounds.max_rounds committed rounds)."""
+    from gateway.broker import BrokerError
+    from gateway.store import StoreError
+
+    from gateway.mqtt import MqttError
+    from gateway.service import Gateway, GatewayError
+
+    setup_logging(log_level)
+    try:
+        cfg = load_gateway_config(config_path)
+        fleet = Fleet.load(cfg.fleet_file)
+    except (ConfigError, FleetError) as exc:
+        fail(str(exc))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Gateway(cfg, fleet).run(stop)
+
+    try:
+        asyncio.run(main())
+    except (GatewayError, LedgerError, StoreError, BrokerError, MqttError, OSError) as exc:
+        fail(str(exc))

@@ -1,0 +1,110 @@
+"""The device's secrets: its secp256k1 signing key and, on key holders, its threshold Paillier key share.
+
+Both files are secret: the device key lets anyone submit updates (and collect rewards) as this device; t
+shares decrypt every aggregate. They are refused unless only their owner can read them (mode 0600 or
+stricter), like ssh refuses a private key with loose permissions: a world-readable key on a shared device is
+already compromised, and silently using it would hide that. Symlinks are not followed, so a link planted in
+the config folder cannot redirect the agent to another file.
+
+No message and no ``repr`` here contains key material.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eth_keys.datatypes import PrivateKey
+from eth_utils.exceptions import ValidationError as EthValidationError
+
+from blockdeepnet.crypto.threshold import KeyShare, ThresholdPublicKey
+from firmware_agent.errors import AgentSetupError
+
+_MAX_SECRET_FILE_BYTES = 1 << 20  # a share of a 2048-bit key is ~2 KB; anything huge is not one of ours
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """The device's signing key and the checksummed address it derives (the device's identity)."""
+
+    address: str
+    private_key: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"DeviceKey(address={self.address}, <secret>)"
+
+
+def read_private_file(path: Path, what: str) -> str:
+    """Text of a secret file, refusing symlinks, non-regular files and group/world access bits."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise AgentSetupError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise AgentSetupError(
+                f"{what} {path} is a symlink; point the config at the file itself"
+            ) from None
+        raise AgentSetupError(f"cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AgentSetupError(f"{what} {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise AgentSetupError(
+                f"{what} {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"it must be private to its owner: chmod 600 {path}"
+            )
+        if info.st_size > _MAX_SECRET_FILE_BYTES:
+            raise AgentSetupError(f"{what} {path} is {info.st_size} bytes, too large to be a key file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(_MAX_SECRET_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise AgentSetupError(f"{what} {path} is not ASCII text") from None
+
+
+def load_device_key(path: Path) -> DeviceKey:
+    """The device key: one line of 64 hex digits (an optional ``0x`` prefix and surrounding whitespace allowed)."""
+    text = read_private_file(path, "device key file").strip().removeprefix("0x").removeprefix("0X")
+    if len(text) != 64:
+        raise AgentSetupError(
+            f"device key file {path} must hold 64 hex digits (a secp256k1 key), got {len(text)}"
+        )
+    try:
+        raw = bytes.fromhex(text)
+        address = str(PrivateKey(raw).public_key.to_checksum_address())
+    except (ValueError, EthValidationError):
+        # Bad hex, or a key of 0 or >= n: neither message may echo the digits.
+        raise AgentSetupError(f"device key file {path} does not hold a valid secp256k1 private key") from None
+    return DeviceKey(address=address, private_key=raw)
+
+
+def load_key_share(path: Path, fleet_key: ThresholdPublicKey, expected_index: int) -> KeyShare:
+    """The holder's KeyShare JSON, checked against the fleet's public key and the index fleet.json gives it.
+
+    A share dealt for another key would produce partial decryptions that every device rejects; finding that
+    at start-up is cheaper than in round 1.
+    """
+    text = read_private_file(path, "key share file")
+    try:
+        share = KeyShare.from_dict(json.loads(text))
+    except (ValueError, TypeError):
+        raise AgentSetupError(f"key share file {path} is not a KeyShare JSON document") from None
+    if share.public.to_dict() != fleet_key.to_dict():
+        raise AgentSetupError(
+            f"key share file {path} was dealt for key {share.public.fingerprint}, but the fleet's key is "
+            f"{fleet_key.fingerprint}"
+        )
+    if share.index != expected_index:
+        raise AgentSetupError(
+            f"key share file {path} holds share {share.index}, but fleet.json assigns this device share "
+            f"{expected_index}"
+        )
+    return share

@@ -1,0 +1,88 @@
+"""The gateway's HTTP endpoint: ``/metrics`` (Prometheus), ``/healthz``, and ``/rpc`` for the embedded chain.
+
+``/rpc`` exists because an embedded chain lives inside the gateway's process: devices still have to check
+each global block against the contract themselves (DESIGN §1.6), so the gateway serves a *read-only*
+JSON-RPC view of it (calls, logs, receipts; no transactions). On a real chain devices use the node instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from web3 import Web3
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway
+
+_MAX_RPC_BYTES = 64 * 1024
+
+
+async def serve(gw: Gateway, stack: AsyncExitStack) -> int:
+    """Start the endpoint on ``gw.cfg.http``; returns the bound port (useful with port 0)."""
+    app = web.Application(client_max_size=_MAX_RPC_BYTES)
+
+    async def metrics(_req: web.Request) -> web.Response:
+        return web.Response(body=gw.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def healthz(_req: web.Request) -> web.Response:
+        live = gw.live
+        checks = {
+            "broker_connected": gw.client.connected.is_set(),
+            "chain_reachable": gw.relay.healthy,
+            "round": live.round if live else None,
+            "accepting": gw._accepting is not None,
+        }
+        ok = bool(checks["broker_connected"] and checks["chain_reachable"])
+        return web.json_response({"ok": ok, **checks}, status=200 if ok else 503)
+
+    async def rpc(req: web.Request) -> web.Response:
+        try:
+            body = await req.json()
+            method, params, ident = body["method"], body.get("params", []), body.get("id")
+            if not isinstance(method, str) or not isinstance(params, list):
+                raise ValueError("method must be a string and params a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response(
+                {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {"code": -32600, "message": f"invalid request: {exc}"},
+                }
+            )
+        response: dict[str, Any] = await asyncio.to_thread(gw.chain.read_only_request, method, params)
+        response["jsonrpc"], response["id"] = "2.0", ident
+        return web.Response(text=json.dumps(response, default=_jsonable), content_type="application/json")
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    if gw.chain.embedded:
+        app.router.add_post("/rpc", rpc)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, gw.cfg.http.host, gw.cfg.http.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(
+            f"cannot serve HTTP on {gw.cfg.http.host}:{gw.cfg.http.port}: {exc.strerror}; "
+            "set http.port in gateway.toml to a free port (0 = any) or http.enabled = false"
+        ) from exc
+    stack.push_async_callback(runner.cleanup)
+    server = site._server
+    assert server is not None
+    port: int = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return port
+
+
+def _jsonable(value: Any) -> Any:
+    """web3 results hold HexBytes and AttributeDicts: render them as JSON-RPC hex strings and objects."""
+    if isinstance(value, bytes | bytearray):
+        return Web3.to_hex(value)
+    if hasattr(value, "items"):
+        return dict(value.items())
+    raise TypeError(f"cannot encode {type(value).__name__}")
