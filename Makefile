@@ -8,9 +8,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BDN := $(VENV)/bin/bdn
-# Debian packages the project needs at run time and in tests.
-DEB_PACKAGES := dataset-fashion-mnist
-DEMO_ARGS ?= --devices 10 --rounds 3 --encrypted --seed 7
+# Debian packages the project needs at run time and in tests (mosquitto: the tests start their own brokers
+# with their own ACL and password files; mosquitto_passwd comes with it).
+DEB_PACKAGES := dataset-fashion-mnist mosquitto
+DEMO_ARGS ?= --devices 10 --rounds 5 --seed 7
 
 .PHONY: help demo test lint venv deb-deps clean
 
@@ -36,7 +37,7 @@ deb-deps:
 	fi
 
 demo: venv deb-deps
-	OMP_NUM_THREADS=1 $(BDN) simulate $(DEMO_ARGS)
+	OMP_NUM_THREADS=1 $(BDN) demo $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -162,3 +162,54 @@ def test_http_endpoint_serves_health_metrics_and_a_read_only_chain(tmp_path: Pat
         )
         with urllib.request.urlopen(refused, timeout=10) as r:
             assert json.loads(r.read())["error"]["code"] == -32601  # writes are not served
+
+
+def test_gateway_on_postgresql(tmp_path: Path, pg_database: str) -> None:
+    """The same round with the store on PostgreSQL (production), in a database of its own."""
+    local = _fleet(tmp_path, devices=2)
+    config = local.gateway_config
+    config.write_text(config.read_text() + f'\n[store]\nurl = "{pg_database}"\n')
+    topics = Topics(local.fleet.name)
+    updates = premade_updates(local)
+    with GatewayThread(config) as gt:
+        port = gt.gw.broker_port
+        assert port is not None
+        clients = [_device(local, k, port) for k in range(2)]
+        try:
+            clients[0].subscribe(topics.global_block(1))
+            for _, topic, payload in updates:
+                clients[[d.address for d in local.devices].index(topic.split("/")[-2])].publish(
+                    topic, payload
+                )
+            block = GlobalBlock.from_cbor(clients[0].expect(topics.global_block(1), timeout=60).payload)
+        finally:
+            for c in clients:
+                c.close()
+        assert len(block.devices) == 2
+        row = gt.gw.store.get_round(1)
+        assert row is not None and row.status == "committed" and row.count == 2
+        assert gt.gw.store.url.startswith("postgresql")
+
+
+def test_a_round_without_enough_updates_is_extended_then_skipped(tmp_path: Path) -> None:
+    local = _fleet(tmp_path, devices=3, min_updates=2, deadline_s=3.0, max_extensions=1, max_rounds=2)
+    updates = premade_updates(local)
+    with GatewayThread(local.gateway_config) as gt:
+        port = gt.gw.broker_port
+        assert port is not None
+        dev = _device(local, 0, port)
+        try:
+            gt.wait_for("round_open")
+            dev.publish(*updates[0][1:])
+            gt.wait_for("update_recorded")
+            skipped = gt.wait_for("round_skipped", timeout=30)[0]
+            assert skipped["round"] == 1 and "1 of min 2" in skipped["reason"]
+            assert gt.named("round_extended")[0]["round"] == 1
+            reopened = gt.wait_for("round_open", count=2, timeout=30)[1]
+        finally:
+            dev.close()
+        assert reopened["round"] == 2
+        assert reopened["base"] == local.fleet.initial_model_hash().hex()  # a skipped round changes no model
+        row = gt.gw.store.get_round(1)
+        assert row is not None and row.status == "skipped" and "1 of min 2" in (row.reason or "")
+        assert not gt.gw.chain.ledger.get_round(1).committed
