@@ -1,5 +1,5 @@
-"""The appliance as deployed: gateway + real device agents, over Mosquitto with the generated password file
-and ACL, on an anvil chain, for two rounds; one key holder never comes up.
+"""The appliance as deployed: gateway + real device agents, over Mosquitto with TLS, the generated password
+file and ACL, on an anvil chain, for two rounds; one key holder never comes up.
 
 Round 1's primary holders are 2 and 3, round 2's are 3 and 1 (docs/protocol.md): with holder 1 silent, round
 2 can only be decrypted because standby holder 2 steps in after its delay. Every running device must end
@@ -23,7 +23,8 @@ from gateway.broker import free_port
 from provisioning.anvil import AnvilProcess
 from provisioning.localfleet import create_local_fleet
 from tests.support.gateway import GatewayThread
-from tests.support.mosquitto import MosquittoProcess
+from tests.support.mosquitto import MosquittoProcess, MosquittoTls
+from tests.support.tls import self_signed_cert
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -39,6 +40,7 @@ def test_two_rounds_with_a_silent_key_holder(tmp_path: Path) -> None:
         np.savez(path, x=data.train_x[sl], y=data.train_y[sl])
         npz.append(path)
     port = free_port("127.0.0.1")
+    cert, key = self_signed_cert(tmp_path)
     with AnvilProcess(state_file=tmp_path / "chain.json") as anvil:
         local = create_local_fleet(
             tmp_path / "fleet",
@@ -52,8 +54,12 @@ def test_two_rounds_with_a_silent_key_holder(tmp_path: Path) -> None:
             broker_port=port,
             broker_mode="external",
             broker_auth=True,
-            gateway_extra={"rounds": {"max_rounds": 2, "min_updates": 3, "deadline_s": 20.0}},
+            gateway_extra={
+                "rounds": {"max_rounds": 2, "min_updates": 3, "deadline_s": 20.0},
+                "broker": {"tls_ca": str(cert)},
+            },
             agent_extra=lambda k: {
+                "broker": {"tls_ca": str(cert)},
                 "data": {"source": "npz", "path": str(npz[k])},
                 "standby_delay_s": 3.0,
                 "receipt_timeout_s": 15.0,
@@ -66,6 +72,7 @@ def test_two_rounds_with_a_silent_key_holder(tmp_path: Path) -> None:
             password_file=broker_dir / "mosquitto.passwd",
             acl_file=broker_dir / "mosquitto.acl",
             allow_anonymous=False,
+            tls=MosquittoTls(cafile=cert, certfile=cert, keyfile=key),
         ):
             silent = next(d for d in local.devices if d.key_share == 1)
             running = [d for d in local.devices if d is not silent]

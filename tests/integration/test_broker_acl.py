@@ -14,7 +14,6 @@ import secrets
 import shutil
 import socket
 import stat
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from provisioning.broker_credentials import write_amqtt_password_file
 from tests.support.embedded import EmbeddedBrokerThread
 from tests.support.mosquitto import MosquittoProcess, MosquittoTls, write_password_file
 from tests.support.mqtt import MqttTestClient
+from tests.support.tls import self_signed_cert
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -342,21 +342,7 @@ def test_mosquitto_start_fails_loudly_on_a_bad_config(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_mosquitto_tls_listener(tmp_path: Path) -> None:
-    cert, key = tmp_path / "broker.pem", tmp_path / "broker.key"
-    openssl = [
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]
-    openssl += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
-    subprocess.run(openssl, check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_cert(tmp_path)
     tls = MosquittoTls(cafile=cert, certfile=cert, keyfile=key)
     with (
         MosquittoProcess(tmp_path / "m", tls=tls) as mosquitto,
