@@ -49,10 +49,9 @@ def gateway() -> None:
 def run(config_path: Path, log_level: str) -> None:
     """Run the gateway until SIGTERM/SIGINT (or rounds.max_rounds committed rounds)."""
     from gateway.broker import BrokerError
-    from gateway.store import StoreError
-
     from gateway.mqtt import MqttError
     from gateway.service import Gateway, GatewayError
+    from gateway.store import StoreError
 
     setup_logging(log_level)
     try:
