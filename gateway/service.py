@@ -91,6 +91,7 @@ class Gateway:
         self._pending: dict[tuple[int, str], _Pending] = {}
         self._states: dict[str, str] = {}
         self._changed = asyncio.Event()
+        self._round_known = asyncio.Event()
         self.round_loss: dict[int, float] = {}
         self.store: Store
         self.chain: ChainLink
@@ -307,6 +308,7 @@ class Gateway:
             await self._rebuild(live)
         self.live = live
         self._accepting = round_no
+        self._round_known.set()
         self.metrics.current_round.set(round_no)
         msg = RoundOpen(
             round=round_no,
@@ -497,6 +499,10 @@ class Gateway:
 
     async def _ingest_loop(self) -> None:
         queue = self.client.queue
+        # After a restart the broker redelivers what arrived while the gateway was down, at once. Those updates
+        # belong to the round being resumed: judge none of them before the round controller has re-established
+        # it, or they would all be refused as "no round open".
+        await self._round_known.wait()
         while True:
             batch = [await queue.get()]
             while len(batch) < 32 and not queue.empty():
@@ -635,6 +641,14 @@ class Gateway:
                 self._changed.set()
             else:
                 report = Report.from_cbor(msg.payload)
+                row = await asyncio.to_thread(self.store.get_round, report.round)
+                if row is None or row.status != "committed":
+                    # Only a committed round has a global model to report on; anything else is noise that
+                    # must be dropped here, not fail (and so never acknowledge) the whole batch.
+                    log.warning(
+                        "report from %s for round %d, which is not committed, ignored", device, report.round
+                    )
+                    return
                 await asyncio.to_thread(
                     self.store.add_report,
                     report.round,
