@@ -126,6 +126,21 @@ def _connected_client(client_id: str, username: str, port: int) -> paho.Client:
     return c
 
 
+def _forget_fleet(topics: Topics, gateway_client_id: str, port: int) -> None:
+    """Remove a bench fleet's traces from a shared broker: the gateway's session and retained messages."""
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=gateway_client_id, clean_session=True)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    infos = [
+        c.publish(t, b"", qos=1, retain=True)
+        for t in (topics.round(), topics.gateway_state(), topics.global_block(1))
+    ]
+    for info in infos:
+        info.wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+
+
 def _publish_all(messages: Sequence[tuple[str, str, bytes]], port: int) -> float:
     """One client per device, all connected first; returns the clock (``perf_counter``: CLOCK_MONOTONIC, the
     same in every process) when the first publish started."""
@@ -205,6 +220,12 @@ async def measure(
         sub.close()
         if not run.done():
             run.cancel()
+    if broker == "mosquitto":
+        # The gateway's persistent session would otherwise stay on the machine's broker for good: end it, and
+        # clear the retained messages this fleet left there.
+        await asyncio.to_thread(
+            _forget_fleet, Topics(name), cfg.broker.client_id or f"bdn-gateway-{name}", port
+        )
     assert sub.global_at is not None and sub.round_at is not None and len(recorded) == n
     return {
         "close_latency_s": sub.global_at - recorded[-1],

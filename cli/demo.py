@@ -108,18 +108,23 @@ class DemoState:
                 rv.close_latency_s = data["close_latency_s"]
                 rv.gas = data["update_gas"] + data["commit_gas"]
                 rv.devices = data["count"]
+                self._check_done(rv)
             elif event in ("round_skipped", "round_extended"):
                 self.log.append(f"round {r}: {event.split('_')[1]} ({data.get('reason')})")
             elif event == "report" and r is not None:
                 rv = self.round(r)
                 rv.reports[data["device"]] = data["accuracy"]
                 rv.losses[data["device"]] = data["loss"]
-                if len(rv.reports) >= rv.devices > 0:
-                    rv.phase = "done"
-                    if r >= self.rounds_wanted:
-                        self.all_reported.set()
+                self._check_done(rv)
             elif event == "device_state":
                 self.states[data["device"]] = data["state"]
+
+    def _check_done(self, rv: RoundView) -> None:
+        # Reports can overtake the gateway's own round_closed event (a fast decryption): check on both.
+        if len(rv.reports) >= rv.devices > 0:
+            rv.phase = "done"
+            if rv.number >= self.rounds_wanted:
+                self.all_reported.set()
 
     def on_wire(self, kind: TopicKind, round_no: int | None, size: int) -> None:
         with self.lock:

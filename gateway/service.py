@@ -47,7 +47,7 @@ from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient, Incoming
 from gateway.relay import Outcome, Recorded, Relay
 from gateway.rounds import Decision, LiveRound, decide
-from gateway.store import DuplicateUpdate, Store
+from gateway.store import DuplicateUpdate, Store, StoreUnavailable
 from gateway.validate import Checked, Rejected, UpdateValidator
 
 log = logging.getLogger("bdn.gateway")
@@ -507,12 +507,38 @@ class Gateway:
             batch = [await queue.get()]
             while len(batch) < 32 and not queue.empty():
                 batch.append(queue.get_nowait())
+            await self._handle_safely(batch)
+
+    async def _handle_safely(self, batch: list[Incoming]) -> None:
+        """Nothing from the network may take the gateway down, nor wedge it: an unacknowledged message holds a
+        slot of the broker's in-flight window until the gateway reconnects. A store outage is waited out (the
+        batch is retried, unacknowledged, so nothing is lost); any other failure is narrowed down to the message
+        that causes it, which is then acknowledged and dropped with a log line and, for an update, a receipt."""
+        delay = 0.5
+        while True:
             try:
                 await self._handle(batch)
+                return
+            except StoreUnavailable as exc:
+                log.warning("store unavailable, %d message(s) wait unacknowledged: %s", len(batch), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
             except Exception:
-                # Nothing from the network may take the gateway down. The batch stays unacked: the broker
-                # redelivers it after a reconnect, and the error is in the log.
-                log.exception("ingest of a batch of %d message(s) failed", len(batch))
+                if len(batch) == 1:
+                    break
+                log.exception("ingest of a batch of %d message(s) failed; retrying one by one", len(batch))
+                for msg in batch:
+                    await self._handle_safely([msg])
+                return
+        msg = batch[0]
+        log.exception("message on %s could not be handled; dropped", msg.topic)
+        self.client.ack(msg.mid, msg.qos)
+        with contextlib.suppress(WireError):
+            parsed = self.topics.parse(msg.topic)
+            if parsed.kind == "update" and parsed.device is not None:
+                self._reject(
+                    parsed.device, Rejected(ReasonCode.MALFORMED, "the gateway could not process it")
+                )
 
     async def _handle(self, batch: list[Incoming]) -> None:
         updates: list[tuple[Incoming, str]] = []
@@ -540,10 +566,11 @@ class Gateway:
         accepted = await self._store_checked(checked, rejections)
         for msg, kind, device in other:
             await self._handle_other(msg, kind, device)
-        for device, rej, _ in rejections:
-            await asyncio.to_thread(
-                self.store.add_rejection, time.time(), rej.round or None, device, rej.reason.value, rej.detail
-            )
+        now = time.time()
+        await asyncio.to_thread(
+            self.store.add_rejections,
+            [(now, rej.round or None, device, rej.reason.value, rej.detail) for device, rej, _ in rejections],
+        )
         # Everything this batch carried is committed: only now acknowledge it to the broker.
         for msg in batch:
             self.client.ack(msg.mid, msg.qos)
@@ -567,7 +594,7 @@ class Gateway:
                 update = self.validator.parse(device, msg.payload)
                 try:
                     self.validator.device(update)
-                    self.validator.round_open(update, open_round)
+                    self.validator.round_open(update, open_round, live.round if live is not None else None)
                     digest = self.validator.signature(update)
                     if live is not None and device in live.submitted:
                         out.append(self._duplicate(update.round, device, digest))

@@ -79,8 +79,12 @@ class UpdateValidator:
         return entry
 
     @staticmethod
-    def round_open(update: Update, open_round: int | None) -> None:
+    def round_open(update: Update, open_round: int | None, closing: int | None = None) -> None:
+        """``open_round``: the round accepting updates, or None between rounds; ``closing``: the round being
+        closed then (its stragglers are late, not early)."""
         if open_round is None:
+            if closing is not None and update.round <= closing:
+                raise Rejected(ReasonCode.LATE, f"round {update.round} is closed")
             raise Rejected(ReasonCode.ROUND_NOT_OPEN, "no round is open (the gateway is between rounds)")
         if update.round < open_round:
             raise Rejected(ReasonCode.LATE, f"round {update.round} is closed; round {open_round} is open")

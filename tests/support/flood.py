@@ -135,14 +135,15 @@ class ReceiptCounter:
         with self._lock:
             return sum(getattr(c, what) for c in self.counts.values())
 
-    def wait_total(self, what: str, expected: int, timeout: float, alive: Callable[[], bool]) -> None:
-        """Until ``expected`` receipts of kind ``what`` (plus undecodable ones) arrived in all."""
+    def wait_all(self, expected: int, timeout: float, alive: Callable[[], bool], quiet: float = 15.0) -> None:
+        """Until ``expected`` receipts of any kind arrived in all, or none came for ``quiet`` seconds, or
+        ``timeout``: the caller checks the counts."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while (
-                sum(getattr(c, what) + c.undecodable for c in self.counts.values()) < expected
-                and time.monotonic() < deadline
-            ):
+            while sum(c.accepted + c.refused + c.undecodable for c in self.counts.values()) < expected:
+                now = time.monotonic()
+                if now > deadline or (self.last_at is not None and now - self.last_at > quiet):
+                    return
                 if not alive():
                     raise AssertionError("the gateway died while answering the flood")
                 self._lock.wait(0.5)
