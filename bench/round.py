@@ -166,10 +166,12 @@ async def measure(
     dealt: tuple[ThresholdPublicKey, list[KeyShare]],
     workdir: Path,
     chain_url: str | None,
+    mosquitto_port: int = 1883,
 ) -> dict[str, float]:
-    """One round with ``n`` publishers on ``broker`` ("mosquitto": 127.0.0.1:1883, or "amqtt")."""
+    """One round with ``n`` publishers on ``broker`` ("mosquitto": the one on 127.0.0.1:``mosquitto_port``, or
+    "amqtt": embedded, on a free port)."""
     name = f"bench{n}{broker[:3]}{secrets.token_hex(3)}"
-    port = 1883 if broker == "mosquitto" else free_port()
+    port = mosquitto_port if broker == "mosquitto" else free_port()
     local = create_local_fleet(
         workdir / name,
         name=name,
