@@ -54,8 +54,30 @@ def _recorded(u: SignedUpdate, receipt: dict[str, Any]) -> Recorded:
     )
 
 
-def send_batch(ledger: Ledger, updates: list[SignedUpdate]) -> list[Outcome]:
-    """Relay a batch (runs in the chain thread). Transport failures propagate: the rows stay pending."""
+def _on_chain(ledger: Ledger, updates: list[SignedUpdate]) -> dict[tuple[int, str], Recorded]:
+    """The updates of ``updates`` that the contract already holds (same payload hash), with their transaction."""
+    found: dict[tuple[int, str], Recorded] = {}
+    wanted = {(u.round, u.device): u.payload_hash for u in updates}
+    for round_no in {u.round for u in updates}:
+        for e in ledger.update_events(round_no):
+            if wanted.get((round_no, e.device)) == e.payload_hash:
+                found[(round_no, e.device)] = Recorded(
+                    round_no, e.device, e.tx_hash, e.block_number, e.log_index, 0
+                )
+    return found
+
+
+def send_batch(ledger: Ledger, updates: list[SignedUpdate], *, reconcile: bool = False) -> list[Outcome]:
+    """Relay a batch (runs in the chain thread). Transport failures propagate: the rows stay pending.
+
+    ``reconcile``: first look the updates up on chain and send only the missing ones. The relay does that for
+    what it finds pending after a start (or a chain outage): sent before a crash, they may be mined already,
+    and a second transaction for them would only revert."""
+    if reconcile:
+        known = _on_chain(ledger, updates)
+        rest = [u for u in updates if (u.round, u.device) not in known]
+        sent = iter(send_batch(ledger, rest) if rest else [])
+        return [known.get((u.round, u.device)) or next(sent) for u in updates]
     results: list[dict[str, Any] | ContractRejected]
     try:
         results = ledger.send_many([ledger.submit_call(u) for u in updates])
@@ -108,6 +130,7 @@ class Relay:
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.healthy = True
+        self._reconcile = True  # what is pending at start may have been sent before a crash
 
     async def run(self) -> None:
         backoff = 0.2
@@ -121,14 +144,19 @@ class Relay:
                 continue
             self.idle.clear()
             try:
-                outcomes = await self.chain.call(lambda lg, p=pending: send_batch(lg, p))
+                outcomes = await self.chain.call(
+                    lambda lg, p=pending, r=self._reconcile: send_batch(lg, p, reconcile=r)
+                )
             except LedgerError as exc:
                 # The node is down or flaky: keep everything pending and try again, backing off.
                 self.healthy = False
+                self._reconcile = True  # the batch may have been half sent: look before resending
                 log.warning("chain unavailable, %d update(s) wait in the outbox: %s", len(pending), exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             self.healthy = True
+            # Keep looking first while batches come back full: the backlog found at start may be longer.
+            self._reconcile = self._reconcile and len(pending) == self.batch
             backoff = 0.2
             await self.outcome(outcomes)
