@@ -119,6 +119,15 @@ class DemoState:
             elif event == "device_state":
                 self.states[data["device"]] = data["state"]
 
+    def fill_reports(self, r: int, reports: list[tuple[str, float, float | None]]) -> None:
+        """Reports read from the gateway's store (the fallback when an event went by unseen)."""
+        with self.lock:
+            rv = self.round(r)
+            for device, loss, accuracy in reports:
+                rv.reports[device], rv.losses[device] = accuracy, loss
+            rv.devices = rv.devices or len(reports)
+            self._check_done(rv)
+
     def _check_done(self, rv: RoundView) -> None:
         # Reports can overtake the gateway's own round_closed event (a fast decryption): check on both.
         if len(rv.reports) >= rv.devices > 0:
@@ -251,6 +260,10 @@ async def run_federation(local: LocalFleet, state: DemoState, console: Console, 
                 dead = [d.name for d, a in zip(local.devices, agents, strict=True) if a.poll() is not None]
                 if len(dead) == len(agents):
                     raise RuntimeError(f"every device agent exited; see {logs}")
+                # The store is the record: if an event was missed, the last round's reports are still there.
+                reports = await asyncio.to_thread(gw.store.reports, state.rounds_wanted)
+                if len(reports) >= len(local.devices):
+                    state.fill_reports(state.rounds_wanted, [(r.device, r.loss, r.accuracy) for r in reports])
                 await asyncio.sleep(0.5)
             live.update(state.table())
     finally:
@@ -259,12 +272,16 @@ async def run_federation(local: LocalFleet, state: DemoState, console: Console, 
                 a.send_signal(signal.SIGTERM)
         for a in agents:
             try:
-                a.wait(20)
+                # In a thread: the broker runs on this loop, and agents going offline still talk to it.
+                await asyncio.to_thread(a.wait, 20)
             except subprocess.TimeoutExpired:
                 a.kill()
         monitor.close()
         stop.set()
-        await asyncio.gather(gw_task, return_exceptions=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(gw_task, return_exceptions=True), 30)
+        except TimeoutError:
+            gw_task.cancel()
 
 
 def write_plots(out: Path, result: dict[str, Any], bench: dict[str, Any] | None) -> list[Path]:
