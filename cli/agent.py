@@ -10,11 +10,7 @@ import click
 from rich.console import Console
 from rich.logging import RichHandler
 
-
-def _fail(message: str) -> None:
-    """Print a one-line error (no traceback) and exit 2, the convention for bad input or config."""
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    sys.exit(2)
+from cli.errors import fail
 
 
 def _setup_logging(level: str) -> None:
@@ -62,5 +58,5 @@ def run(config_path: Path, log_level: str) -> None:
     try:
         device = build_agent(config_path)
     except AgentSetupError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     run_forever(device)

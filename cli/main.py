@@ -19,8 +19,6 @@ from cli.chain import chain
 from cli.errors import fail
 from cli.gateway import gateway
 
-_fail = fail
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bdn")
@@ -104,7 +102,7 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
     try:
         cfg.validate()
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console = Console(stderr=True)
     if as_json:
         progress_cb = None
@@ -159,7 +157,7 @@ def simulate(as_json: bool, workers: int | None, **options: Any) -> None:
         else:
             result = run_simulation(cfg, progress_cb)
     except DatasetError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -251,9 +249,9 @@ def bench_round(devices: str, brokers: tuple[str, ...], key_bits: int, as_json: 
     try:
         counts = tuple(sorted({int(n) for n in devices.split(",")}))
     except ValueError:
-        _fail(f"--devices must be comma-separated integers, got {devices!r}")
+        fail(f"--devices must be comma-separated integers, got {devices!r}")
     if not counts or counts[0] < 1 or counts[-1] > 100:
-        _fail("--devices counts must lie in 1..100 (the codec layout's max_devices)")
+        fail("--devices counts must lie in 1..100 (the codec layout's max_devices)")
     console = Console(stderr=True)
     log = None if as_json else (lambda msg: console.print(msg, highlight=False))
     result = run_round_bench(counts, brokers, key_bits, progress=log)
@@ -303,10 +301,10 @@ def audit_round_cmd(
         ledger = Ledger(rpc_web3(rpc, poa=poa), contract, new_gateway_account())
         info = ledger.get_round(round_no)
         if not info.committed:
-            _fail(f"round {round_no} has no committed global block on chain")
+            fail(f"round {round_no} has no committed global block on chain")
         recorded = [RecordedUpdate(d, h) for d, h in ledger.recorded_updates(round_no)]
     except (ValueError, OSError, LedgerError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     payloads = {}
     for f in Path(archive).glob("*.bin"):
         try:
@@ -372,11 +370,11 @@ def demo(
     from cli.demo import expected_minutes, result_table, run_demo
 
     if not 1 <= threshold <= holders <= devices or devices < 2 or rounds < 1:
-        _fail("need 2 <= devices, 1 <= threshold <= holders <= devices and rounds >= 1")
+        fail("need 2 <= devices, 1 <= threshold <= holders <= devices and rounds >= 1")
     try:
         load_fashion_mnist()
     except DatasetError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console = Console()
     console.print(
         f"[bold]bdn demo[/]: {devices} devices, {rounds} rounds, t={threshold} of l={holders}, {key_bits}-bit key"
