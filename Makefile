@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 BDN := $(VENV)/bin/bdn
 # Debian packages the project needs at run time and in tests (mosquitto: the tests start their own brokers
 # with their own ACL and password files; mosquitto_passwd comes with it).
-DEB_PACKAGES := dataset-fashion-mnist mosquitto
+# swtpm: a software TPM 2.0 for the sealing tests; libtss2-dev + pkg-config: tpm2-pytss builds against them.
+DEB_PACKAGES := dataset-fashion-mnist mosquitto swtpm swtpm-tools libtss2-dev pkg-config
 DEMO_ARGS ?= --devices 10 --rounds 5 --seed 7
 
 .PHONY: help demo test lint venv deb-deps clean
@@ -20,10 +21,10 @@ help:
 	@echo "make test   install test dependencies and run the whole suite"
 
 # Re-install only when pyproject.toml changes; the stamp lives inside the venv.
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml | deb-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[gateway,agent,demo,dev]'
+	$(PY) -m pip install --quiet -e '.[gateway,agent,demo,provision,dev]'
 	@touch $@
 
 venv: $(VENV)/.stamp

@@ -71,6 +71,7 @@ class RoundsConfig:
     deadline_s: float = 300.0
     max_extensions: int = 2
     max_rounds: int = 0
+    min_devices: int = 0  # round 1 waits until this many devices are registered (enrolled); 0 = no wait
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,28 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class EnrollConfig:
+    """Device enrollment (``POST /enroll`` on the gateway's HTTP endpoint, tokens from ``bdn provision enroll``).
+
+    ``token_key_file``: the fleet's token MAC key (mode 0600); tokens that do not verify under it are forged.
+    ``shares_dir``: key shares not yet handed out (``share-<k>.json``); a share file is deleted once the device
+    that redeemed it has it. ``mosquitto_passwd`` / ``mosquitto_acl``: files of an external Mosquitto that the
+    gateway rewrites when a device joins, then runs ``broker_reload`` (e.g. ``systemctl reload mosquitto``)
+    so Mosquitto reads them again. ``ca_file``: the fleet CA certificate handed to devices.
+    """
+
+    enabled: bool = False
+    token_key_file: Path | None = None
+    shares_dir: Path | None = None
+    ca_file: Path | None = None
+    mosquitto_passwd: Path | None = None
+    mosquitto_acl: Path | None = None
+    broker_reload: str = ""
+    broker_host: str = ""  # the broker host:port devices are told to use (default: the gateway's own view)
+    broker_port: int = 0
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     fleet_file: Path
     key_file: Path  # the gateway's Ethereum key (hex), mode 0600
@@ -98,6 +121,7 @@ class GatewayConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    enroll: EnrollConfig = field(default_factory=EnrollConfig)
     max_update_bytes: int = 0  # 0 = wire.UPDATE_MAX_BYTES
 
     @property
@@ -129,11 +153,39 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SecretsConfig:
+    """Where the device key and key share rest. ``files``: ``key_file`` / ``share_file`` (mode 0600).
+    ``tpm``: sealed to the TPM 2.0 reached through ``tcti`` (e.g. ``device:/dev/tpmrm0``,
+    ``swtpm:host=127.0.0.1,port=2321``), sealed blobs in ``sealed_dir`` (default: ``<state_dir>/sealed``).
+    ``keystore``: an encrypted file ``keystore_file`` (default ``<state_dir>/keystore.json``) under the
+    passphrase in ``passphrase_file``, for devices without a TPM (a warning says so at start-up)."""
+
+    backend: str = "files"
+    tcti: str = "device:/dev/tpmrm0"
+    sealed_dir: Path | None = None
+    keystore_file: Path | None = None
+    passphrase_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """Status LED and push button. ``backend``: ``auto`` (RPi.GPIO where it imports, else a mock that logs),
+    ``gpio``, ``mock`` or ``off``; pins are BCM numbers."""
+
+    backend: str = "auto"
+    led_pin: int = 17
+    button_pin: int = 27
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     fleet_file: Path
-    key_file: Path  # the device's secp256k1 key (hex), mode 0600
     state_dir: Path
+    key_file: Path | None = None  # secrets.backend = "files": the device's secp256k1 key (hex), mode 0600
     share_file: Path | None = None  # key holders only: the KeyShare JSON, mode 0600
+    gateway_url: str = ""  # the gateway's HTTP endpoint (enrollment, fleet membership updates)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
     chain_rpc: str = ""  # JSON-RPC URL to check commits; empty = the fleet's chain URL
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +213,9 @@ def _build(cls: type[_T], raw: dict[str, Any], where: str, base: Path) -> _T:
         "http": HttpConfig,
         "data": DataConfig,
         "train": TrainConfig,
+        "enroll": EnrollConfig,
+        "secrets": SecretsConfig,
+        "status": StatusConfig,
     }
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
@@ -230,8 +285,10 @@ def _check_broker(b: BrokerConfig, where: str, embedded_ok: bool) -> None:
 
 
 def _check_rounds(r: RoundsConfig) -> None:
-    if r.quorum < 0 or r.min_updates < 1 or r.max_extensions < 0 or r.max_rounds < 0:
-        raise ConfigError("rounds: quorum >= 0, min_updates >= 1, max_extensions >= 0, max_rounds >= 0")
+    if r.quorum < 0 or r.min_updates < 1 or r.max_extensions < 0 or r.max_rounds < 0 or r.min_devices < 0:
+        raise ConfigError(
+            "rounds: quorum >= 0, min_updates >= 1, max_extensions >= 0, max_rounds >= 0, min_devices >= 0"
+        )
     if r.quorum and r.quorum < r.min_updates:
         raise ConfigError(f"rounds.quorum ({r.quorum}) is below rounds.min_updates ({r.min_updates})")
     if not r.deadline_s > 0:
@@ -247,6 +304,15 @@ def gateway_config(raw: dict[str, Any], base: Path) -> GatewayConfig:
         raise ConfigError("http.port must be 0..65535")
     if cfg.max_update_bytes < 0:
         raise ConfigError("max_update_bytes must be >= 0")
+    e = cfg.enroll
+    if e.enabled and (e.token_key_file is None or e.shares_dir is None):
+        raise ConfigError("enroll.enabled needs enroll.token_key_file and enroll.shares_dir")
+    if e.enabled and not cfg.http.enabled:
+        raise ConfigError("enroll.enabled needs the HTTP endpoint (http.enabled = true)")
+    if (e.mosquitto_passwd is None) != (e.mosquitto_acl is None):
+        raise ConfigError("enroll: mosquitto_passwd and mosquitto_acl go together")
+    if not 0 <= e.broker_port <= 65535:
+        raise ConfigError("enroll.broker_port must be 0..65535")
     if cfg.store.url and not cfg.store.url.startswith(("sqlite:", "postgresql")):
         raise ConfigError(
             f"store.url must be a sqlite:/// or postgresql:// URL, got {cfg.store.url.split(':')[0]}:"
@@ -272,6 +338,17 @@ def agent_config(raw: dict[str, Any], base: Path) -> AgentConfig:
         raise ConfigError("receipt_timeout_s > 0, max_publish_attempts >= 1, standby_delay_s >= 0")
     if cfg.min_aggregate_devices < 1:
         raise ConfigError("min_aggregate_devices must be >= 1")
+    s = cfg.secrets
+    if s.backend not in ("files", "tpm", "keystore"):
+        raise ConfigError(f"secrets.backend must be 'files', 'tpm' or 'keystore', got {s.backend!r}")
+    if s.backend == "files" and cfg.key_file is None:
+        raise ConfigError("key_file is required when secrets.backend is 'files'")
+    if s.backend == "keystore" and s.passphrase_file is None:
+        raise ConfigError("secrets.passphrase_file is required when secrets.backend is 'keystore'")
+    if cfg.status.backend not in ("auto", "gpio", "mock", "off"):
+        raise ConfigError(f"status.backend must be auto, gpio, mock or off, got {cfg.status.backend!r}")
+    if cfg.gateway_url and not cfg.gateway_url.startswith(("http://", "https://")):
+        raise ConfigError("gateway_url must be an http(s) URL")
     return cfg
 
 
