@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -161,7 +162,9 @@ def _find_file(directory: Path, stem: str) -> Path:
     )
 
 
-def _load_split(directory: Path, prefix: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+def _load_split(
+    directory: Path, prefix: str, select: Callable[[int], IndexArray] | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     images_path = _find_file(directory, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_file(directory, f"{prefix}-labels-idx1-ubyte")
     images = read_idx(images_path)
@@ -176,6 +179,9 @@ def _load_split(directory: Path, prefix: str) -> tuple[npt.NDArray[np.float32], 
         raise DatasetError(f"{prefix}: {images.shape[0]} images but {labels.shape[0]} labels")
     if labels.size and int(labels.max()) >= NUM_CLASSES:
         raise DatasetError(f"{labels_path}: label {int(labels.max())} out of range 0..{NUM_CLASSES - 1}")
+    if select is not None:  # cut before converting: 60,000 float32 images are 188 MB, a device's shard ~9 MB
+        idx = select(images.shape[0])
+        images, labels = images[idx], labels[idx]
     x = (images.astype(np.float32) / np.float32(255.0)).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
     return x, labels.astype(np.int64)
 
@@ -186,6 +192,19 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Datase
     train_x, train_y = _load_split(directory, "train")
     test_x, test_y = _load_split(directory, "t10k")
     return Dataset(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+def load_train_subset(
+    select: Callable[[int], IndexArray], data_dir: str | os.PathLike[str] | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Only the training images ``select(60000)`` picks, converted to float after the cut (a device's shard)."""
+    return _load_split(resolve_data_dir(data_dir), "train", select)
+
+
+def load_test_split(
+    data_dir: str | os.PathLike[str] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    return _load_split(resolve_data_dir(data_dir), "t10k")
 
 
 # --- partitioning ---

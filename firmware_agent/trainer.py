@@ -9,7 +9,9 @@ Data (``[data]`` in agent.toml):
   0..9); optionally ``x_test`` / ``y_test`` for the accuracy figure.
 
 Training uses the core's rules (FedAvg local SGD by default, the paper's Eq. 3 as ``rule = "eq3"``) with the
-minibatch order drawn from ``[seed, round, shard]``, the simulator's stream, so a round can be replayed.
+minibatch order drawn from ``[seed, round, shard]``, the simulator's stream, so a round can be replayed. A round
+is ``local_epochs`` passes over the local set, or exactly ``local_iterations`` minibatch steps when that is set
+(the paper's 1,500), cycling through a fresh shuffle at every pass.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from blockdeepnet.data import (
     PAPER_SAMPLES_PER_DEVICE,
     DatasetError,
     load_fashion_mnist,
+    load_test_split,
+    load_train_subset,
     partition_iid,
 )
 from blockdeepnet.learning import FedAvgSGD, VarianceReduced, evaluate, unflatten
@@ -114,16 +118,18 @@ def _load_npz(cfg: DataConfig) -> LocalData:
     return LocalData(x, y, test_x, test_y)
 
 
+REPORT_SAMPLES = 512
+
+
 def load_local_data(cfg: DataConfig) -> LocalData:
     """Load the configured data; a missing or malformed dataset is an :class:`AgentSetupError`."""
     try:
         if cfg.source == "npz":
             return _load_npz(cfg)
-        data = load_fashion_mnist(cfg.data_dir)
-        idx = shard_of(len(data.train_y), cfg.shard, cfg.shards, cfg.seed)
+        x, y = load_train_subset(lambda n: shard_of(n, cfg.shard, cfg.shards, cfg.seed), cfg.data_dir)
         if cfg.evaluate_test:
-            return LocalData(data.train_x[idx], data.train_y[idx], data.test_x, data.test_y)
-        return LocalData(data.train_x[idx], data.train_y[idx])
+            return LocalData(x, y, *load_test_split(cfg.data_dir))
+        return LocalData(x, y)
     except DatasetError as exc:
         raise AgentSetupError(str(exc)) from None
 
@@ -145,7 +151,12 @@ class Trainer:
 
     def __init__(self, data: LocalData, train: TrainConfig, *, seed: int, stream: int) -> None:
         rule_cls = FedAvgSGD if train.rule == "fedavg" else VarianceReduced
-        self.rule = rule_cls(lr=train.lr, batch_size=train.batch_size, epochs=train.local_epochs)
+        self.rule = rule_cls(
+            lr=train.lr,
+            batch_size=train.batch_size,
+            epochs=train.local_epochs,
+            iterations=train.local_iterations or None,
+        )
         self.data = data
         self.seed = seed
         self.stream = stream
@@ -173,9 +184,13 @@ class Trainer:
         )
 
     def evaluate(self, weights: npt.NDArray[np.float32]) -> tuple[float, float | None]:
-        """Loss of ``weights`` on the device's own training data, and test accuracy if a test set is held."""
+        """Loss of ``weights`` on (at most ``REPORT_SAMPLES`` evenly spaced samples of) the device's own
+        training data, and test accuracy if a test set is held. The loss is a monitoring report, not a
+        training input: a fixed subset estimates it well at a fraction of a full pass's CPU (issue 6)."""
         params = unflatten(weights)
-        loss, _ = evaluate(params, self.data.x, self.data.y)
+        n = self.data.x.shape[0]
+        pick = np.linspace(0, n - 1, min(n, REPORT_SAMPLES)).astype(np.int64)
+        loss, _ = evaluate(params, self.data.x[pick], self.data.y[pick])
         accuracy: float | None = None
         if self.data.test_x is not None and self.data.test_y is not None:
             _, accuracy = evaluate(params, self.data.test_x, self.data.test_y)

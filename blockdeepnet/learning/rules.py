@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from blockdeepnet.learning.model import (
+    EVAL_BATCH,
     IMAGE_SHAPE,
     PAPER_CNN_PARAMS,
     Params,
@@ -49,7 +50,7 @@ DEFAULT_LR = 0.2
 DEFAULT_BATCH = 32
 
 # Batch size for passes over the whole local set (full gradient, base loss): bounds im2col memory.
-_FULL_PASS_CHUNK = 1000
+_FULL_PASS_CHUNK = EVAL_BATCH  # see learning.model.EVAL_BATCH: bounds the memory of a full pass
 
 
 @dataclass(frozen=True, eq=False)
