@@ -8,7 +8,9 @@ Errors are :class:`ConfigError` with the file, the dotted key and what is expect
 
 from __future__ import annotations
 
+import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -146,10 +148,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Local training per round. The paper counts local work in minibatch steps (1,500 local iterations):
+    ``local_iterations > 0`` runs exactly that many steps, reshuffling the local set at every pass, and
+    overrides ``local_epochs``; 0 trains for ``local_epochs`` whole passes (the simulator's default)."""
+
     rule: str = "fedavg"
     lr: float = 0.2
     batch_size: int = 32
     local_epochs: int = 1
+    local_iterations: int = 0
 
 
 @dataclass(frozen=True)
@@ -334,6 +341,8 @@ def agent_config(raw: dict[str, Any], base: Path) -> AgentConfig:
     t = cfg.train
     if t.rule not in ("fedavg", "eq3") or t.lr <= 0 or t.batch_size < 1 or t.local_epochs < 1:
         raise ConfigError("train: rule 'fedavg'|'eq3', lr > 0, batch_size >= 1, local_epochs >= 1")
+    if t.local_iterations < 0:
+        raise ConfigError("train.local_iterations must be >= 0 (0 = train for local_epochs)")
     if cfg.receipt_timeout_s <= 0 or cfg.max_publish_attempts < 1 or cfg.standby_delay_s < 0:
         raise ConfigError("receipt_timeout_s > 0, max_publish_attempts >= 1, standby_delay_s >= 0")
     if cfg.min_aggregate_devices < 1:
@@ -366,3 +375,28 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         return agent_config(raw, base)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def toml_text(table: Mapping[str, Any]) -> str:
+    """A TOML document from nested dicts of str/int/float/bool (all our configs need)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, sub in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from blockdeepnet.acl import AclRules, amqtt_acl
+from blockdeepnet.mosquitto_users import write_private_atomic
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,40 @@ class EmbeddedBroker:
         if not sockets:
             return self._port
         return int(sockets[0].getsockname()[1])
+
+    def allow(self, username: str, password: str, rules: AclRules) -> None:
+        """Let a newly enrolled device in while running: its password (in memory and in the users file, so a
+        restart keeps it) and the ACL rebuilt for the new fleet.
+
+        amqtt 0.12.1 reads both only at start; its plugins keep them in ``FileAuthPlugin._users`` and in the
+        ACL plugin's config tables, which are updated in place here (pinned version, checked by the tests).
+        """
+        broker = self._broker
+        if broker is None:
+            raise BrokerError("the embedded broker is not running")
+        subscribe, publish = amqtt_acl(rules)
+        hashed = None
+        if self._users_file is not None:
+            from pwdlib.hashers.argon2 import Argon2Hasher
+
+            hashed = Argon2Hasher(time_cost=2, memory_cost=19456, parallelism=1).hash(password)
+            path = Path(self._users_file)
+            kept = [ln for ln in path.read_text().splitlines() if ln and ln.split(":", 1)[0] != username]
+            write_private_atomic(path, "".join(f"{ln}\n" for ln in [*kept, f"{username}:{hashed}"]))
+        for plugin in broker.plugins_manager._plugins:
+            users = getattr(plugin, "_users", None)
+            if hashed is not None and isinstance(users, dict):
+                users[username] = hashed
+            if self._acl is not None and type(plugin).__name__ == "TopicAccessControlListPlugin":
+                for option, table in (("acl", subscribe), ("publish-acl", publish)):
+                    current = plugin._get_config_option(option, None)
+                    if not isinstance(current, dict):
+                        raise BrokerError(
+                            f"amqtt's ACL plugin keeps no {option} table: is amqtt 0.12.1 installed?"
+                        )
+                    current.clear()
+                    current.update(table)
+        self._acl = rules
 
     async def stop(self) -> None:
         """Disconnect every client and close the listener; safe to call twice."""

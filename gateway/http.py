@@ -1,4 +1,5 @@
-"""The gateway's HTTP endpoint: ``/metrics`` (Prometheus), ``/healthz``, and ``/rpc`` for the embedded chain.
+"""The gateway's HTTP endpoint: ``/metrics`` (Prometheus), ``/healthz``, ``/fleet`` (the public fleet.json),
+``/enroll`` (devices redeem their tokens, :mod:`gateway.enroll`), and ``/rpc`` for the embedded chain.
 
 ``/rpc`` exists because an embedded chain lives inside the gateway's process: devices still have to check
 each global block against the contract themselves (DESIGN §1.6), so the gateway serves a *read-only*
@@ -57,7 +58,21 @@ async def serve(gw: Gateway, stack: AsyncExitStack) -> int:
         response["jsonrpc"], response["id"] = "2.0", ident
         return web.Response(text=json.dumps(response, default=_jsonable), content_type="application/json")
 
+    async def fleet(_req: web.Request) -> web.Response:
+        return web.json_response(gw.fleet.to_dict())
+
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/fleet", fleet)
+    if gw.cfg.enroll.enabled:
+        from gateway.enroll import Enroller
+
+        enroller = Enroller(gw)
+
+        async def enroll(req: web.Request) -> web.Response:
+            status, answer = await enroller.handle(await req.read())
+            return web.json_response(answer, status=status)
+
+        app.router.add_post("/enroll", enroll)
     app.router.add_get("/healthz", healthz)
     if gw.chain.embedded:
         app.router.add_post("/rpc", rpc)

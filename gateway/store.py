@@ -96,6 +96,7 @@ __all__ = [
     "UPDATE_STATUSES",
     "DeviceRow",
     "DuplicateUpdate",
+    "EnrollmentUsed",
     "OutboxRow",
     "RejectionRow",
     "ReportRow",
@@ -138,6 +139,10 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The database could not be reached or written (connection lost, disk full, locked too long): retry later."""
+
+
+class EnrollmentUsed(StoreError):
+    """The enrollment token was already redeemed by another device."""
 
 
 class DuplicateUpdate(StoreError):
@@ -418,6 +423,21 @@ class _Rejection(_Base):
     detail: Mapped[str]
 
 
+class _Enrollment(_Base):
+    """One row per redeemed enrollment token: its id is unique, so a token is used once. ``bundle`` is the answer
+    already sealed to the device's key, kept so a device whose answer was lost can ask again with the same token
+    and key (it is useless to anyone else)."""
+
+    __tablename__ = "enrollments"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str]
+    address: Mapped[str] = mapped_column(_ADDRESS)
+    state: Mapped[str] = mapped_column(_SHORT)  # pending | done
+    at: Mapped[float]
+    bundle: Mapped[str | None]
+
+
 # -------------------------------------------------------------------------------------------------- migrations
 
 Migration = Callable[[Connection], None]
@@ -430,7 +450,12 @@ def _create_schema(conn: Connection) -> None:
     _Base.metadata.create_all(conn)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_schema,)
+def _add_enrollments(conn: Connection) -> None:
+    """Version 1 -> 2: the enrollments table (issue 6: devices join through one-time tokens)."""
+    _Enrollment.__table__.create(conn)  # type: ignore[attr-defined]
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_schema, _add_enrollments)
 """``MIGRATIONS[0]`` creates the current schema on an empty database; ``MIGRATIONS[v]`` (v >= 1) upgrades a
 version-v database to v + 1 and must leave it exactly as ``_create_schema`` would (same tables, columns,
 indexes), keeping every row. The schema version is ``len(MIGRATIONS)``. To change the schema: change the models
@@ -834,6 +859,37 @@ class Store:
         if with_payload:
             stmt = stmt.options(undefer(_Update.payload))
         return session.scalars(stmt).one_or_none()
+
+    # ------------------------------------------------------------------------------------------ enrollments
+
+    def claim_enrollment(self, token_id: str, name: str, address: str, at: float) -> tuple[str, str | None]:
+        """Claim a token for ``address``. Returns ``("new", None)`` for a first use, ``("pending", None)`` when
+        the same device retries an enrollment that did not finish, ``("done", bundle)`` when it asks again for
+        an answer it already got. Any other reuse raises :class:`EnrollmentUsed`."""
+        device = _address(address)
+        label = _text(name, 200)
+
+        def work(s: Session) -> tuple[str, str | None]:
+            row = s.get(_Enrollment, token_id)
+            if row is None:
+                s.add(
+                    _Enrollment(
+                        token_id=token_id, name=label, address=device, state="pending", at=at, bundle=None
+                    )
+                )
+                return "new", None
+            if row.address != device:
+                raise EnrollmentUsed(f"enrollment token {token_id[:8]}… was already used by another device")
+            return row.state, row.bundle
+
+        return self._write("claiming an enrollment token", work)
+
+    def finish_enrollment(self, token_id: str, bundle: str) -> None:
+        with self._session("finishing an enrollment", write=True) as s:
+            row = s.get(_Enrollment, token_id)
+            if row is None:
+                raise StoreError(f"enrollment {token_id[:8]}… was never claimed")
+            row.state, row.bundle = "done", bundle
 
     # ---------------------------------------------------------------------------------------------- devices
 

@@ -30,6 +30,7 @@ from typing import Any
 from eth_account import Account
 
 from blockdeepnet.acl import AclRules, mosquitto_acl
+from blockdeepnet.config import toml_text
 from blockdeepnet.crypto.codec import SlotLayout
 from blockdeepnet.crypto.threshold import KeyShare, ThresholdPublicKey, deal
 from blockdeepnet.data import PAPER_SAMPLES_PER_DEVICE
@@ -65,31 +66,6 @@ class LocalFleet:
                 data = json.loads((d.folder / "share.json").read_text())
                 out[d.key_share] = KeyShare.from_dict(data)
         return out
-
-
-def toml_text(table: Mapping[str, Any]) -> str:
-    """A TOML document from nested dicts of str/int/float/bool (all our configs need)."""
-    lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, Any]]] = []
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for name, sub in tables:
-        lines.append(f"\n[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub.items())
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def _private_dir(path: Path) -> Path:

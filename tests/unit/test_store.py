@@ -29,6 +29,7 @@ from gateway.store import (
     SCHEMA_VERSION,
     DeviceRow,
     DuplicateUpdate,
+    EnrollmentUsed,
     Store,
     StoreError,
     StoreUnavailable,
@@ -143,7 +144,10 @@ class StoreBehaviour:
 
     def test_a_v0_database_gets_the_schema_and_keeps_its_data(self, db_url: str, store: Store) -> None:
         store.close()
-        run_sql(db_url, *(f"DROP TABLE {t}" for t in ("reports", "rejections", "outbox", "updates")))
+        run_sql(
+            db_url,
+            *(f"DROP TABLE {t}" for t in ("reports", "rejections", "outbox", "updates", "enrollments")),
+        )
         run_sql(db_url, "DROP TABLE rounds", "DROP TABLE devices", "DROP TABLE schema_meta")
         run_sql(
             db_url,
@@ -154,6 +158,26 @@ class StoreBehaviour:
             assert s.schema_version == SCHEMA_VERSION
             assert s.devices() == []
         assert run_sql(db_url, "SELECT note FROM operator_notes") == [("hi",)]
+
+    def test_a_version_1_database_gains_the_enrollments_table(self, db_url: str, ready: Store) -> None:
+        ready.add_update(**update(1, A))
+        ready.close()
+        run_sql(db_url, "DROP TABLE enrollments", "UPDATE schema_meta SET version = 1")
+        with Store(db_url) as s:
+            assert s.schema_version == SCHEMA_VERSION == 2
+            assert s.claim_enrollment("ab" * 16, "dev0", A, 1.0) == ("new", None)
+            assert s.get_update(1, A) is not None
+
+    def test_an_enrollment_token_is_used_once(self, store: Store) -> None:
+        tid = "cd" * 16
+        assert store.claim_enrollment(tid, "dev0", A, 1.0) == ("new", None)
+        assert store.claim_enrollment(tid, "dev0", A, 2.0) == ("pending", None)  # the same device retries
+        with pytest.raises(EnrollmentUsed, match="another device"):
+            store.claim_enrollment(tid, "dev1", B, 3.0)
+        store.finish_enrollment(tid, "sealed-bundle")
+        assert store.claim_enrollment(tid, "dev0", A, 4.0) == ("done", "sealed-bundle")
+        with pytest.raises(EnrollmentUsed):
+            store.claim_enrollment(tid, "dev0", B, 5.0)
 
     def test_an_older_schema_is_upgraded_and_keeps_its_data(
         self, db_url: str, ready: Store, monkeypatch: pytest.MonkeyPatch
@@ -188,7 +212,10 @@ class StoreBehaviour:
             raise RuntimeError("disk on fire")
 
         monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, half_done))
-        with pytest.raises(StoreError, match=r"from schema version 1 to 2 failed.*disk on fire"):
+        with pytest.raises(
+            StoreError,
+            match=rf"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed.*disk on fire",
+        ):
             Store(db_url)
         monkeypatch.undo()
         with Store(db_url) as s:
