@@ -6,7 +6,8 @@ stricter), like ssh refuses a private key with loose permissions: a world-readab
 already compromised, and silently using it would hide that. Symlinks are not followed, so a link planted in
 the config folder cannot redirect the agent to another file.
 
-No message and no ``repr`` here contains key material.
+The formats and their checks live here; where the secrets rest (these files, sealed to the TPM, or an
+encrypted keystore) is :mod:`firmware_agent.vault`. No message and no ``repr`` here contains key material.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eth_keys.datatypes import PrivateKey
 from eth_utils.exceptions import ValidationError as EthValidationError
@@ -23,7 +25,15 @@ from eth_utils.exceptions import ValidationError as EthValidationError
 from blockdeepnet.crypto.threshold import KeyShare, ThresholdPublicKey
 from firmware_agent.errors import AgentSetupError
 
+if TYPE_CHECKING:
+    from firmware_agent.vault import Vault
+
 _MAX_SECRET_FILE_BYTES = 1 << 20  # a share of a 2048-bit key is ~2 KB; anything huge is not one of ours
+
+# The names the device's two secrets go by in a vault (firmware_agent.vault): the 32 raw secp256k1 key bytes,
+# and the KeyShare JSON document (UTF-8).
+DEVICE_KEY = "device-key"
+KEY_SHARE = "key-share"
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,8 @@ class DeviceKey:
         return f"DeviceKey(address={self.address}, <secret>)"
 
 
-def read_private_file(path: Path, what: str) -> str:
-    """Text of a secret file, refusing symlinks, non-regular files and group/world access bits."""
+def read_private_bytes(path: Path, what: str) -> bytes:
+    """Bytes of a secret file, refusing symlinks, non-regular files and group/world access bits."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
@@ -61,50 +71,85 @@ def read_private_file(path: Path, what: str) -> str:
         if info.st_size > _MAX_SECRET_FILE_BYTES:
             raise AgentSetupError(f"{what} {path} is {info.st_size} bytes, too large to be a key file")
         with os.fdopen(fd, "rb", closefd=False) as fh:
-            raw = fh.read(_MAX_SECRET_FILE_BYTES + 1)
+            return fh.read(_MAX_SECRET_FILE_BYTES + 1)
     finally:
         os.close(fd)
+
+
+def read_private_file(path: Path, what: str) -> str:
+    """Text of a secret file (ASCII), with the checks of :func:`read_private_bytes`."""
+    raw = read_private_bytes(path, what)
     try:
         return raw.decode("ascii")
     except UnicodeDecodeError:
         raise AgentSetupError(f"{what} {path} is not ASCII text") from None
 
 
-def load_device_key(path: Path) -> DeviceKey:
-    """The device key: one line of 64 hex digits (an optional ``0x`` prefix and surrounding whitespace allowed)."""
-    text = read_private_file(path, "device key file").strip().removeprefix("0x").removeprefix("0X")
+def device_key_from_hex(text: str, what: str) -> bytes:
+    """The 32 key bytes of the device key file format: 64 hex digits, optional ``0x`` and whitespace.
+
+    ``what`` names the source in messages (``device key file /etc/bdn/device.key``); no message echoes digits.
+    """
+    text = text.strip().removeprefix("0x").removeprefix("0X")
     if len(text) != 64:
-        raise AgentSetupError(
-            f"device key file {path} must hold 64 hex digits (a secp256k1 key), got {len(text)}"
-        )
+        raise AgentSetupError(f"{what} must hold 64 hex digits (a secp256k1 key), got {len(text)}")
     try:
-        raw = bytes.fromhex(text)
+        return bytes.fromhex(text)
+    except ValueError:
+        raise AgentSetupError(f"{what} does not hold a valid secp256k1 private key") from None
+
+
+def device_key_from_bytes(raw: bytes, what: str) -> DeviceKey:
+    """A :class:`DeviceKey` from its 32 raw bytes, refusing a key of 0 or >= the curve order."""
+    if len(raw) != 32:
+        raise AgentSetupError(f"{what} must hold a 32-byte secp256k1 key, got {len(raw)} bytes")
+    try:
         address = str(PrivateKey(raw).public_key.to_checksum_address())
     except (ValueError, EthValidationError):
-        # Bad hex, or a key of 0 or >= n: neither message may echo the digits.
-        raise AgentSetupError(f"device key file {path} does not hold a valid secp256k1 private key") from None
+        raise AgentSetupError(f"{what} does not hold a valid secp256k1 private key") from None
     return DeviceKey(address=address, private_key=raw)
 
 
-def load_key_share(path: Path, fleet_key: ThresholdPublicKey, expected_index: int) -> KeyShare:
-    """The holder's KeyShare JSON, checked against the fleet's public key and the index fleet.json gives it.
+def key_share_from_bytes(
+    raw: bytes, what: str, fleet_key: ThresholdPublicKey, expected_index: int
+) -> KeyShare:
+    """A KeyShare from its JSON document, checked against the fleet's public key and the index fleet.json gives.
 
     A share dealt for another key would produce partial decryptions that every device rejects; finding that
     at start-up is cheaper than in round 1.
     """
-    text = read_private_file(path, "key share file")
     try:
-        share = KeyShare.from_dict(json.loads(text))
+        share = KeyShare.from_dict(json.loads(raw.decode("utf-8")))
     except (ValueError, TypeError):
-        raise AgentSetupError(f"key share file {path} is not a KeyShare JSON document") from None
+        raise AgentSetupError(f"{what} is not a KeyShare JSON document") from None
     if share.public.to_dict() != fleet_key.to_dict():
         raise AgentSetupError(
-            f"key share file {path} was dealt for key {share.public.fingerprint}, but the fleet's key is "
-            f"{fleet_key.fingerprint}"
+            f"{what} was dealt for key {share.public.fingerprint}, but the fleet's key is {fleet_key.fingerprint}"
         )
     if share.index != expected_index:
         raise AgentSetupError(
-            f"key share file {path} holds share {share.index}, but fleet.json assigns this device share "
-            f"{expected_index}"
+            f"{what} holds share {share.index}, but fleet.json assigns this device share {expected_index}"
         )
     return share
+
+
+def load_device_key(path: Path) -> DeviceKey:
+    """The device key: one line of 64 hex digits (an optional ``0x`` prefix and surrounding whitespace allowed)."""
+    what = f"device key file {path}"
+    return device_key_from_bytes(device_key_from_hex(read_private_file(path, "device key file"), what), what)
+
+
+def load_key_share(path: Path, fleet_key: ThresholdPublicKey, expected_index: int) -> KeyShare:
+    """The holder's KeyShare JSON file, checked as :func:`key_share_from_bytes` does."""
+    text = read_private_file(path, "key share file")
+    return key_share_from_bytes(text.encode("ascii"), f"key share file {path}", fleet_key, expected_index)
+
+
+def load_device_key_from(vault: Vault) -> DeviceKey:
+    """The device key held in ``vault`` (whichever backend: files, TPM, keystore)."""
+    return device_key_from_bytes(vault.get(DEVICE_KEY), vault.describe(DEVICE_KEY))
+
+
+def load_key_share_from(vault: Vault, fleet_key: ThresholdPublicKey, expected_index: int) -> KeyShare:
+    """The key share held in ``vault``, checked against the fleet's key and this device's share index."""
+    return key_share_from_bytes(vault.get(KEY_SHARE), vault.describe(KEY_SHARE), fleet_key, expected_index)

@@ -4,4 +4,4 @@
 Shared fixtures: throw-away PostgreSQL databases (``pg_database``) and private Mosquitto brokers
 (``mosquitto``, ``mosquitto_factory``)."""
 
-pytest_plugins = ["tests.support.postgres", "tests.support.fixtures"]
+pytest_plugins = ["tests.support.postgres", "tests.support.fixtures", "tests.support.swtpm"]
