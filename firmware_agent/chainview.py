@@ -124,6 +124,12 @@ class ChainView:
         r = self._call(lambda: self.contract.functions.getRound(round_no).call())
         return RoundInfo(bytes(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]), bytes(r[5]), bytes(r[6]))
 
+    def device_registered(self, device: str) -> tuple[bool, int]:
+        """(registered and not revoked, key share index) as the contract records them."""
+        self._check_chain_id()
+        r = self._call(lambda: self.contract.functions.deviceInfo(to_checksum_address(device)).call())
+        return bool(r[0]) and not bool(r[1]), int(r[2])
+
     def recorded_payload_hash(self, round_no: int, device: str) -> bytes:
         return bytes(self._call(lambda: self.contract.functions.getUpdate(round_no, device).call()))
 
