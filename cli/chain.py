@@ -188,6 +188,7 @@ def dev(data_dir: Path, port: int) -> None:
     import signal
     import threading
 
+    from blockdeepnet import sdnotify
     from provisioning.anvil import AnvilError
     from provisioning.devchain import start_dev_chain
 
@@ -201,12 +202,17 @@ def dev(data_dir: Path, port: int) -> None:
     click.echo(f"dev chain on {deployment.rpc_url} (chain id {deployment.chain_id})")
     click.echo(f"contract  {deployment.contract}  (deployed in block {deployment.deploy_block})")
     click.echo(f"gateway   {deployment.gateway}  (key in {data_dir / 'gateway.key'})")
+    sdnotify.ready(f"dev chain on {deployment.rpc_url}, contract {deployment.contract}")
+    watchdog = sdnotify.Watchdog.from_env()  # bdn-chain-dev.service: pinged only while anvil answers
     try:
         while not stop.is_set() and node.proc is not None and node.proc.poll() is None:
+            if watchdog.due() and node.rpc("eth_blockNumber") is not None:
+                watchdog.kick()
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        sdnotify.stopping()
         node.stop()
     if node.proc is not None and node.proc.returncode not in (0, -15, None) and not stop.is_set():
         raise ChainError(f"anvil exited unexpectedly with code {node.proc.returncode}")

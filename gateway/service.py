@@ -26,7 +26,7 @@ from eth_utils.crypto import keccak
 from gmpy2 import mpz
 from web3 import Web3
 
-from blockdeepnet import merkle
+from blockdeepnet import merkle, sdnotify
 from blockdeepnet.config import GatewayConfig
 from blockdeepnet.fleet import Fleet
 from blockdeepnet.learning.model import PAPER_CNN_PARAMS
@@ -86,6 +86,7 @@ class Gateway:
         self.finished = asyncio.Event()
         self.broker_port: int | None = None
         self.http_port: int | None = None
+        self.embedded_broker: Any = None  # gateway.broker.EmbeddedBroker when broker.mode = "embedded"
         self.live: LiveRound | None = None
         self._accepting: int | None = None
         self._pending: dict[tuple[int, str], _Pending] = {}
@@ -113,8 +114,12 @@ class Gateway:
                 asyncio.create_task(self._rounds_loop(), name="rounds"),
                 asyncio.create_task(self._chain_watch(), name="chain-watch"),
             ]
+            watchdog = sdnotify.Watchdog.from_env()
+            if watchdog.enabled:
+                tasks.append(asyncio.create_task(self._heartbeat(watchdog), name="watchdog"))
             stack.push_async_callback(self._cancel, tasks)
             self.ready.set()
+            sdnotify.ready(f"fleet {self.fleet.name}: broker on port {self.broker_port}, rounds running")
             stopper = asyncio.create_task(stop.wait())
             watched: set[asyncio.Task[Any]] = {stopper, *tasks}
             try:
@@ -128,6 +133,17 @@ class Gateway:
                     watched.add(stopper)
             finally:
                 stopper.cancel()
+                sdnotify.stopping()
+
+    @staticmethod
+    async def _heartbeat(watchdog: sdnotify.Watchdog) -> None:
+        """systemd's watchdog (bdn-gateway.service): pinged while this loop turns. Every slow step (store,
+        chain, validation) runs in a thread, so a loop that misses its pings for ``WatchdogSec`` is wedged and
+        a restart is the cure; a chain or store outage only pauses the round tasks and is not one."""
+        assert watchdog.period is not None
+        while True:
+            watchdog.kick()
+            await asyncio.sleep(watchdog.period / 4)
 
     @staticmethod
     async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
@@ -176,6 +192,7 @@ class Gateway:
             )
             embedded = EmbeddedBroker(broker.host, broker.port, users_file=broker.users_file, acl=acl)
             await stack.enter_async_context(embedded)
+            self.embedded_broker = embedded
             port = embedded.port
         self.broker_port = port
         offline = GatewayState("offline").to_cbor()
@@ -256,9 +273,40 @@ class Gateway:
                 return
             await self._open(live.round + 1, next_base)
 
+    async def adopt_fleet(self, fleet: Fleet) -> None:
+        """Take a grown fleet (a device enrolled): saved to ``fleet.json`` first, then used for every check.
+
+        The round in progress keeps the sample total it announced; the next round announces the new one, and
+        devices that see a total they do not know fetch ``/fleet`` and check the newcomers on chain."""
+        await asyncio.to_thread(fleet.save, self.cfg.fleet_file)
+        await asyncio.to_thread(
+            self.store.upsert_devices, [(d.address, d.name, d.samples, d.key_share) for d in fleet.devices]
+        )
+        self.fleet = fleet
+        self.validator = UpdateValidator(fleet, self.cfg.max_update_bytes)
+        self._changed.set()
+
+    def _enrolled_enough(self) -> bool:
+        """Round 1 waits for ``rounds.min_devices`` devices and for t key holders (else nobody can decrypt)."""
+        holders = sum(1 for d in self.fleet.devices if d.key_share)
+        return (
+            len(self.fleet.devices) >= self.cfg.rounds.min_devices
+            and holders >= self.fleet.public_key.threshold
+        )
+
     async def _resume(self) -> None:
         """Continue where the store says we were: finish a round in progress, or open the next one."""
         latest = await asyncio.to_thread(self.store.latest_round)
+        if latest is None and not self._enrolled_enough():
+            log.info(
+                "waiting for devices to enroll: %d of %d, key holders needed: %d",
+                len(self.fleet.devices),
+                self.cfg.rounds.min_devices,
+                self.fleet.public_key.threshold,
+            )
+            while not self._enrolled_enough():
+                self._changed.clear()
+                await self._changed.wait()
         if latest is None:
             await self._open(1, self.fleet.initial_model_hash())
             return
