@@ -60,3 +60,16 @@ def run(config_path: Path, log_level: str) -> None:
     except AgentSetupError as exc:
         fail(str(exc))
     run_forever(device)
+
+
+from cli.agent_predict import predict  # noqa: E402  (a separate module; registered on the group defined above)
+
+agent.add_command(predict)
+
+from cli.agent_enroll import enroll  # noqa: E402
+
+agent.add_command(enroll)
+
+from cli.agent_keys import keys  # noqa: E402
+
+agent.add_command(keys)

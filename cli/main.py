@@ -18,6 +18,7 @@ from cli.agent import agent
 from cli.chain import chain
 from cli.errors import fail
 from cli.gateway import gateway
+from cli.provision import provision
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -258,6 +259,52 @@ def bench_round(devices: str, brokers: tuple[str, ...], key_bits: int, as_json: 
     click.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench.command("device")
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=1),
+    default=1500,
+    show_default=True,
+    help="Local minibatch steps of the measured round (the paper's 1,500).",
+)
+@click.option("--key-bits", default=2048, show_default=True, help="Paillier modulus size.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print only the JSON object (progress stays on stderr)."
+)
+def bench_device(iterations: int, key_bits: int, as_json: bool) -> None:
+    """Peak RSS and CPU of one agent round without a key share vs plain local training (Fig. 5), and the
+    extra CPU of a key holder's partial decryption. Each measured part runs in a fresh process."""
+    from bench.device import run_device_bench
+
+    console = Console(stderr=True)
+    try:
+        result = run_device_bench(
+            iterations, key_bits, progress=lambda msg: console.print(msg, highlight=False)
+        )
+    except DatasetError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    table = Table(title=f"one device round: {iterations} iterations, {key_bits}-bit key")
+    for col in ("", "BlockDeepNet agent", "plain training", "overhead"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "peak RSS",
+        f"{result['peak_rss_mb']:.1f} MB",
+        f"{result['baseline_peak_rss_mb']:.1f} MB",
+        f"{result['mem_overhead']:+.1%}",
+    )
+    table.add_row(
+        "CPU time",
+        f"{result['cpu_s']:.1f} s",
+        f"{result['baseline_cpu_s']:.1f} s",
+        f"{result['cpu_overhead']:+.1%}",
+    )
+    table.add_row("key holder's duty", f"+{result['key_holder_extra_cpu_s']:.1f} s CPU", "", "")
+    Console().print(table)
+
+
 @cli.group()
 def audit() -> None:
     """Check what the gateway committed on chain against public material only."""
@@ -335,6 +382,7 @@ def audit_round_cmd(
 cli.add_command(chain)
 cli.add_command(gateway)
 cli.add_command(agent)
+cli.add_command(provision)
 
 
 @cli.command()

@@ -42,6 +42,7 @@ from gmpy2 import mpz
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from web3 import Web3
 
+from blockdeepnet import sdnotify
 from blockdeepnet.audit import aggregate_hash
 from blockdeepnet.config import AgentConfig
 from blockdeepnet.crypto.codec import CodecRangeError, SlotLayout, SlotOverflowError
@@ -73,9 +74,11 @@ from firmware_agent.crypto_duty import (
     share_message,
 )
 from firmware_agent.errors import AgentSetupError
-from firmware_agent.keys import DeviceKey, load_device_key, load_key_share, read_private_file
+from firmware_agent.keys import DeviceKey, load_device_key_from, load_key_share_from, read_private_file
 from firmware_agent.state import AgentState, StateStore
+from firmware_agent.tflite_export import export_global_model
 from firmware_agent.trainer import Trainer, load_local_data
+from firmware_agent.vault import DEVICE_KEY, KEY_SHARE, open_vault
 
 logger = logging.getLogger("firmware_agent")
 
@@ -104,6 +107,7 @@ _CHAIN_RETRY_UNAVAILABLE_S = 15.0
 _MAX_CHAIN_CHECKS = 20
 _MAX_OPEN_ROUNDS = 8  # global blocks held while catching up; older ones are dropped
 _MAX_SHARE_ROUNDS = 16  # rounds with shares but no global block yet
+_LONGEST_STEP_S = 3 * 3600.0  # a heavy step stuck longer than this stops the systemd watchdog pings
 
 
 class _DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -158,25 +162,36 @@ class Agent:
             self.fleet = fleet if fleet is not None else Fleet.load(config.fleet_file)
         except FleetError as exc:
             raise AgentSetupError(str(exc)) from None
-        self._key: DeviceKey = load_device_key(config.key_file)
+        vault = open_vault(config)
+        self._key: DeviceKey = load_device_key_from(vault)
         self.address = self._key.address
         self.log = _DeviceLog(logger, {"device": self.address})
         entry = self.fleet.device(self.address)
         if entry is None:
             raise AgentSetupError(
-                f"device {self.address} (key {config.key_file}) is not listed in fleet file {config.fleet_file}"
+                f"device {self.address} (key {vault.location(DEVICE_KEY)}) is not listed in fleet file "
+                f"{config.fleet_file}"
             )
         self.holder_index = entry.key_share
         self._share: KeyShare | None = None
-        if config.share_file is not None:
+        # files: a share is configured iff share_file is set (a missing file is then the file's own error);
+        # tpm / keystore: iff the vault holds one.
+        if vault.kind == "files":
+            held = config.share_file is not None
+            present, absent = "share_file is set", "share_file is not set"
+        else:
+            held = vault.has(KEY_SHARE)
+            present = f"a key share is held in {vault.location(KEY_SHARE)}"
+            absent = f"no key share is held in {vault.location(KEY_SHARE)} (bdn agent keys --import)"
+        if held:
             if entry.key_share == 0:
                 raise AgentSetupError(
-                    f"share_file is set, but fleet.json does not list {self.address} as a key holder"
+                    f"{present}, but fleet.json does not list {self.address} as a key holder"
                 )
-            self._share = load_key_share(config.share_file, self.fleet.public_key, entry.key_share)
+            self._share = load_key_share_from(vault, self.fleet.public_key, entry.key_share)
         elif entry.key_share:
             raise AgentSetupError(
-                f"fleet.json lists {self.address} as key holder {entry.key_share}, but share_file is not set"
+                f"fleet.json lists {self.address} as key holder {entry.key_share}, but {absent}"
             )
         self.tpk = self.fleet.public_key
         self.layout: SlotLayout = self.fleet.layout
@@ -363,6 +378,7 @@ class Agent:
         except KeyboardInterrupt:
             self.log.info("interrupted")
         finally:
+            sdnotify.stopping()
             self._shutdown()
 
     # ------------------------------------------------------------------------------- MQTT callbacks
@@ -401,7 +417,9 @@ class Agent:
     # ----------------------------------------------------------------------------------- worker loop
 
     def _work(self) -> None:
+        watchdog = sdnotify.Watchdog.from_env()  # systemd's (bdn-agent.service); a no-op elsewhere
         while not self._stopping:
+            watchdog.kick()
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -411,9 +429,12 @@ class Agent:
                 continue
             if not self._connected_once and self._client.is_connected():
                 self._connected_once = True
+                sdnotify.ready(f"device {self.address} connected to {self.config.broker.host}")
                 self._guard(self._resume_pending)
             self._guard(self._check_receipt_timeout)
-            if self._guard(self._step):
+            with watchdog.patience(_LONGEST_STEP_S):  # a Pi's partial decryption must not count as a hang
+                worked = self._guard(self._step)
+            if worked:
                 continue
             try:
                 item = self._queue.get(timeout=self._sleep_time())
@@ -481,7 +502,7 @@ class Agent:
             problem = f"announces key {ro.key_fingerprint}, the fleet key is {self.tpk.fingerprint}"
         elif ro.slot_layout() != self.layout:
             problem = "announces a codec layout other than the fleet's"
-        elif ro.total_samples != self.fleet.total_samples:
+        elif ro.total_samples != self.fleet.total_samples and not self._grow_fleet(ro.total_samples):
             problem = f"announces {ro.total_samples} total samples, fleet.json has {self.fleet.total_samples}"
         if problem:
             if self._note("round_refused", ro.round):
@@ -492,6 +513,31 @@ class Agent:
             self.log.info("round %d opened on model %s", ro.round, ro.base_model_hash.hex()[:16])
             self._emit("round_open", {"round": ro.round, "base_hash": ro.base_model_hash.hex()})
         self._round_open = ro
+
+    def _grow_fleet(self, announced_total: int) -> bool:
+        """Devices enrolled after this one: fetch the gateway's fleet and take it if it only adds devices that
+        the chain registered (:func:`firmware_agent.enroll.check_growth`) and explains the announced total."""
+        if not self.config.gateway_url:
+            return False
+        from firmware_agent.enroll import EnrollFailed, check_growth, fetch_fleet
+
+        try:
+            fresh = fetch_fleet(self.config.gateway_url)
+            problem = check_growth(self.fleet, fresh, self.chain.device_registered)
+        except (EnrollFailed, ChainUnavailable) as exc:
+            self.log.warning("cannot update the fleet from the gateway: %s", exc)
+            return False
+        if problem or fresh.total_samples != announced_total:
+            self.log.error(
+                "fleet update from the gateway refused: %s", problem or "the sample total still differs"
+            )
+            return False
+        fresh.save(self.config.fleet_file)
+        self.fleet = fresh
+        self._holders = {d.address: d.key_share for d in fresh.devices if d.key_share}
+        self.log.info("fleet updated: %d devices, %d samples", len(fresh.devices), fresh.total_samples)
+        self._emit("fleet_grown", {"devices": len(fresh.devices)})
+        return True
 
     def _on_receipt(self, receipt: Receipt) -> None:
         state = self._state
@@ -726,6 +772,7 @@ class Agent:
                 weights=weights, base_hash=rnd.aggregate_hash, applied_round=r, pending_update=pending
             )
         )
+        export_global_model(self.config.state_dir, weights, self.log)  # model.tflite; never raises
         for old in [k for k in self._rounds if k <= r]:
             del self._rounds[old]
         for old in [k for k in self._shares if k <= r]:
