@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from blockdeepnet.config import DataConfig, TrainConfig
+from blockdeepnet.config import ConfigError, DataConfig, TrainConfig, agent_config
 from blockdeepnet.data import load_fashion_mnist
-from blockdeepnet.learning import flatten, init_params
+from blockdeepnet.learning import FedAvgSGD, flatten, init_params
 from cli.simulation import SimulationConfig, _rule, _shards
 from firmware_agent.errors import AgentSetupError
 from firmware_agent.trainer import Trainer, load_local_data
@@ -98,3 +98,31 @@ def test_npz_data_and_its_errors(tmp_path: Path) -> None:
 def test_missing_dataset_names_the_package(tmp_path: Path) -> None:
     with pytest.raises(AgentSetupError, match="dataset-fashion-mnist"):
         load_local_data(DataConfig(data_dir=tmp_path))
+
+
+def test_local_iterations_run_exactly_that_many_steps_across_reshuffled_passes(idx_dir: Path) -> None:
+    cfg = DataConfig(shard=1, shards=10, data_dir=idx_dir)
+    data = load_local_data(cfg)
+    weights = flatten(init_params(np.random.default_rng(5)))
+    # 30 samples, batch 8: 4 steps per pass, so 11 steps cross two reshuffles and end mid-pass.
+    trainer = Trainer.from_config(data, cfg, TrainConfig(lr=0.1, batch_size=8, local_iterations=11))
+    outcome = trainer.train(weights, 3, clip=1.0)
+    rng = np.random.default_rng([cfg.seed, 3, cfg.shard])
+    reference = FedAvgSGD(lr=0.1, batch_size=8, iterations=11).run(weights, data.x, data.y, rng)
+    assert reference.steps == 11
+    assert np.array_equal(outcome.delta, np.clip(reference.weights - weights, -1.0, 1.0))
+    one_epoch = Trainer.from_config(data, cfg, TrainConfig(lr=0.1, batch_size=8)).train(weights, 3, clip=1.0)
+    assert not np.array_equal(one_epoch.delta, outcome.delta), "local_iterations must override local_epochs"
+    eq3 = Trainer.from_config(data, cfg, TrainConfig(rule="eq3", batch_size=8, local_iterations=6))
+    assert eq3.rule.iterations == 6
+
+
+def test_local_iterations_in_agent_toml(tmp_path: Path) -> None:
+    base = {"fleet_file": "fleet.json", "state_dir": "state", "key_file": "device.key"}
+    cfg = agent_config({**base, "train": {"local_iterations": 1500}}, tmp_path)
+    assert cfg.train.local_iterations == 1500 and cfg.train.local_epochs == 1
+    assert agent_config(base, tmp_path).train.local_iterations == 0
+    with pytest.raises(ConfigError, match="local_iterations must be >= 0"):
+        agent_config({**base, "train": {"local_iterations": -1}}, tmp_path)
+    with pytest.raises(ConfigError, match="must be an integer"):
+        agent_config({**base, "train": {"local_iterations": 1.5}}, tmp_path)
