@@ -20,12 +20,9 @@ exponential backoff and then raised as :class:`LedgerUnavailable` with what to c
 from __future__ import annotations
 
 import ast
-import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from eth_abi.abi import decode as abi_decode
@@ -39,16 +36,20 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError, TimeExhausted
 from web3.types import Wei
 
+from blockdeepnet.contract import ARTIFACT_ENV, DEFAULT_ARTIFACT, Artifact, LedgerError, RoundInfo
+
 T = TypeVar("T")
 
-ARTIFACT_ENV = "BDN_CONTRACT_ARTIFACT"
-DEFAULT_ARTIFACT = Path(__file__).resolve().parent.parent / "contracts" / "artifacts" / "BlockDeepNet.json"
+__all__ = [
+    "ARTIFACT_ENV",
+    "DEFAULT_ARTIFACT",
+    "Artifact",
+    "LedgerError",
+    "RoundInfo",
+]  # moved to blockdeepnet.contract
+
 DEFAULT_GAS_LIMIT = 500_000
 EMBEDDED_CHAIN_ID = 131277322940537  # eth-tester's
-
-
-class LedgerError(Exception):
-    """Base class of everything this client raises."""
 
 
 class LedgerUnavailable(LedgerError):
@@ -64,37 +65,6 @@ class ContractRejected(LedgerError):
         self.error = error
         self.args_ = args
         self.tx_hash = tx_hash
-
-
-@dataclass(frozen=True)
-class Artifact:
-    abi: list[dict[str, Any]]
-    bytecode: str
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None) -> Artifact:
-        """The committed, reproducibly compiled contract (contracts/build.mjs), or ``$BDN_CONTRACT_ARTIFACT``."""
-        where = Path(path or os.environ.get(ARTIFACT_ENV) or DEFAULT_ARTIFACT)
-        try:
-            data = json.loads(where.read_text())
-            return cls(abi=data["abi"], bytecode=data["bytecode"])
-        except FileNotFoundError:
-            raise LedgerError(
-                f"contract artifact not found at {where}; run from the repository checkout or set ${ARTIFACT_ENV}"
-            ) from None
-        except (ValueError, KeyError) as exc:
-            raise LedgerError(f"contract artifact {where} is malformed: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class RoundInfo:
-    base_model_hash: bytes
-    deadline_block: int
-    count: int
-    total_samples: int
-    committed: bool
-    aggregate_hash: bytes
-    merkle_root: bytes
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from blockdeepnet.config import ConfigError, load_gateway_config
+from blockdeepnet.contract import LedgerError
 from blockdeepnet.fleet import Fleet, FleetError
-from blockdeepnet.ledger import LedgerError
 from cli.errors import fail
 
 

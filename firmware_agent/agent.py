@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +40,6 @@ import paho.mqtt.client as mqtt
 from eth_utils.crypto import keccak
 from gmpy2 import mpz
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from web3 import Web3
 
 from blockdeepnet import sdnotify
 from blockdeepnet.audit import aggregate_hash
@@ -79,6 +78,9 @@ from firmware_agent.state import AgentState, StateStore
 from firmware_agent.tflite_export import export_global_model
 from firmware_agent.trainer import Trainer, load_local_data
 from firmware_agent.vault import DEVICE_KEY, KEY_SHARE, open_vault
+
+if TYPE_CHECKING:
+    from web3 import Web3
 
 logger = logging.getLogger("firmware_agent")
 

@@ -10,32 +10,107 @@ aggregate, and before any device applies one, the block must match the commit:
 - every listed device has an update recorded for the round, and the Merkle root over exactly those recorded
   (device, payload hash) leaves is the committed root, so the device list is the committed set.
 
-The web3 object is injectable: the CLI builds one from the RPC URL, an in-process demo or test passes its
-embedded chain directly. Reads through one web3 object are serialised, because several agents in one process
-may share it and eth-tester is not made for concurrent calls.
+Reads go through a :class:`Reader`: :class:`JsonRpcReader` speaks plain JSON-RPC over HTTP (a device: no web3,
+which would cost it ~30 MB and ~0.6 s per start, see :mod:`blockdeepnet.contract`); an in-process demo or test
+passes its embedded chain's web3 object, wrapped in :class:`Web3Reader`. Reads through one web3 object are
+serialised, because several agents in one process may share it and eth-tester is not made for concurrent calls.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from eth_abi.exceptions import DecodingError
 from eth_utils.address import to_checksum_address
-from web3 import Web3
-from web3.exceptions import Web3Exception
 
 from blockdeepnet import merkle
-from blockdeepnet.ledger import Artifact, RoundInfo, rpc_web3
+from blockdeepnet.contract import Artifact, RoundInfo
 from blockdeepnet.wire import GlobalBlock
 
-_LOCKS: weakref.WeakKeyDictionary[Web3, threading.Lock] = weakref.WeakKeyDictionary()
+if TYPE_CHECKING:
+    from web3 import Web3
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+_MAX_RPC_RESPONSE = 1 << 20
 
 
-def _lock_for(w3: Web3) -> threading.Lock:
+class Reader(Protocol):
+    """The two reads a device needs: ``eth_call`` (latest block) and ``eth_chainId``. Failures to reach the
+    node raise :class:`ChainUnavailable`."""
+
+    def call(self, to: str, data: bytes) -> bytes: ...
+
+    def chain_id(self) -> int: ...
+
+
+class JsonRpcReader:
+    """JSON-RPC over HTTP with the standard library (a node, or the gateway's read-only ``/rpc``)."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+
+    def _request(self, method: str, params: list[Any]) -> Any:
+        body = json.dumps({"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params})
+        request = urllib.request.Request(self.url, body.encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                answer = json.loads(response.read(_MAX_RPC_RESPONSE))
+        except (urllib.error.URLError, OSError) as exc:
+            raise ChainUnavailable(
+                f"chain node unreachable at {self.url}: {getattr(exc, 'reason', exc)}"
+            ) from exc
+        except ValueError as exc:
+            raise ChainUnavailable(
+                f"chain read failed: {self.url} answered something that is not JSON"
+            ) from exc
+        if not isinstance(answer, dict) or "error" in answer or "result" not in answer:
+            error = answer.get("error") if isinstance(answer, dict) else answer
+            raise ChainUnavailable(f"chain read failed: {method}: {error}")
+        return answer["result"]
+
+    def call(self, to: str, data: bytes) -> bytes:
+        result = self._request("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"])
+        try:
+            return bytes.fromhex(str(result).removeprefix("0x"))
+        except ValueError:
+            raise ChainUnavailable(f"chain read failed: eth_call answered {str(result)[:40]!r}") from None
+
+    def chain_id(self) -> int:
+        return int(str(self._request("eth_chainId", [])), 16)
+
+
+class Web3Reader:
+    """An in-process web3 object (the embedded chain of a demo or test)."""
+
+    def __init__(self, w3: Web3) -> None:
+        self.w3 = w3
+
+    def call(self, to: str, data: bytes) -> bytes:
+        from web3.exceptions import Web3Exception
+
+        try:
+            return bytes(self.w3.eth.call({"to": to, "data": "0x" + data.hex()}))  # type: ignore[typeddict-item]
+        except OSError as exc:
+            raise ChainUnavailable(f"chain node unreachable: {exc}") from exc
+        except Web3Exception as exc:
+            raise ChainUnavailable(f"chain read failed: {type(exc).__name__}: {exc}") from exc
+
+    def chain_id(self) -> int:
+        return int(self.w3.eth.chain_id)
+
+
+def _lock_for(w3: Any) -> threading.Lock:
     with _LOCKS_GUARD:
         lock = _LOCKS.get(w3)
         if lock is None:
@@ -70,11 +145,11 @@ class CheckedGlobal:
 
 
 class ChainView:
-    """Reads the BlockDeepNet contract at ``contract`` through ``w3``."""
+    """Reads the BlockDeepNet contract at ``contract`` through a :class:`Reader` (or a web3 object)."""
 
     def __init__(
         self,
-        w3: Web3,
+        source: Web3 | Reader,
         contract: str,
         *,
         chain_id: int | None = None,
@@ -84,35 +159,43 @@ class ChainView:
     ) -> None:
         """``chain_id``: the fleet's chain; a node on another chain is refused at the first check.
         ``commit_wait_s``: how long to wait for a commit that a lagging node has not seen yet.
-        ``lock``: held around every read; by default one lock per web3 object, pass the owner's lock when the
-        web3 object is also used by other code in this process (e.g. a gateway's embedded chain)."""
-        self.w3 = w3
+        ``lock``: held around every read; by default one lock per web3 object / reader, pass the owner's lock
+        when the web3 object is also used by other code in this process (e.g. a gateway's embedded chain)."""
+        self.reader: Reader = source if isinstance(source, JsonRpcReader | Web3Reader) else Web3Reader(source)  # type: ignore[arg-type]
         self.address = to_checksum_address(contract)
-        self.contract = w3.eth.contract(address=self.address, abi=(artifact or Artifact.load()).abi)
+        self.artifact = artifact or Artifact.load()
         self.expected_chain_id = chain_id
         self.commit_wait_s = commit_wait_s
-        self._lock = lock or _lock_for(w3)
+        self._lock = lock or _lock_for(getattr(self.reader, "w3", self.reader))
         self._chain_checked = False
 
     @classmethod
     def from_url(
         cls, url: str, contract: str, *, chain_id: int | None = None, poa: bool = False
     ) -> ChainView:
-        return cls(rpc_web3(url, poa=poa), contract, chain_id=chain_id)
+        """A view over plain JSON-RPC. ``poa`` (QBFT extraData) does not matter to ``eth_call``; it is accepted
+        so a fleet's chain settings can be passed through unchanged."""
+        del poa
+        return cls(JsonRpcReader(url), contract, chain_id=chain_id)
 
-    def _call(self, fn: Any) -> Any:
+    def _read(self, name: str, *args: Any) -> tuple[Any, ...]:
+        data = self.artifact.encode_call(name, *args)
+        with self._lock:
+            raw = self.reader.call(self.address, data)
+        if not raw:
+            raise ChainUnavailable(
+                f"chain read failed: no contract at {self.address} (an empty {name} result)"
+            )
         try:
-            with self._lock:
-                return fn()
-        except OSError as exc:  # requests / urllib3 / socket errors
-            raise ChainUnavailable(f"chain node unreachable: {exc}") from exc
-        except Web3Exception as exc:  # e.g. no contract at the address: an empty call result
-            raise ChainUnavailable(f"chain read failed: {type(exc).__name__}: {exc}") from exc
+            return self.artifact.decode_result(name, raw)
+        except DecodingError as exc:
+            raise ChainUnavailable(f"chain read failed: {name} returned undecodable data: {exc}") from exc
 
     def _check_chain_id(self) -> None:
         if self._chain_checked or self.expected_chain_id is None:
             return
-        actual = int(self._call(lambda: self.w3.eth.chain_id))
+        with self._lock:
+            actual = self.reader.chain_id()
         if actual != self.expected_chain_id:
             raise ChainUnavailable(
                 f"the node is on chain {actual}, the fleet on chain {self.expected_chain_id}: wrong chain_rpc URL?"
@@ -121,17 +204,17 @@ class ChainView:
 
     def round_info(self, round_no: int) -> RoundInfo:
         self._check_chain_id()
-        r = self._call(lambda: self.contract.functions.getRound(round_no).call())
+        r = self._read("getRound", round_no)
         return RoundInfo(bytes(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]), bytes(r[5]), bytes(r[6]))
 
     def device_registered(self, device: str) -> tuple[bool, int]:
         """(registered and not revoked, key share index) as the contract records them."""
         self._check_chain_id()
-        r = self._call(lambda: self.contract.functions.deviceInfo(to_checksum_address(device)).call())
+        r = self._read("deviceInfo", to_checksum_address(device))
         return bool(r[0]) and not bool(r[1]), int(r[2])
 
     def recorded_payload_hash(self, round_no: int, device: str) -> bytes:
-        return bytes(self._call(lambda: self.contract.functions.getUpdate(round_no, device).call()))
+        return bytes(self._read("getUpdate", round_no, to_checksum_address(device))[0])
 
     def check_global(self, block: GlobalBlock, aggregate_hash: bytes) -> CheckedGlobal:
         """Raise :class:`ChainCheckError` unless ``block`` is exactly what round ``block.round`` committed."""

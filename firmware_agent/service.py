@@ -14,7 +14,7 @@ from types import FrameType
 from typing import Any
 
 from blockdeepnet.config import ConfigError, load_agent_config
-from blockdeepnet.ledger import LedgerError
+from blockdeepnet.contract import LedgerError
 from firmware_agent.agent import Agent, EventHook
 from firmware_agent.errors import AgentSetupError
 from firmware_agent.status_led import StatusIndicator, create_indicator
