@@ -87,7 +87,11 @@ class JsonRpcReader:
             raise ChainUnavailable(f"chain read failed: eth_call answered {str(result)[:40]!r}") from None
 
     def chain_id(self) -> int:
-        return int(str(self._request("eth_chainId", [])), 16)
+        result = self._request("eth_chainId", [])
+        try:  # a JSON-RPC quantity is a hex string; the gateway's view of eth-tester answers a plain number
+            return result if type(result) is int else int(str(result), 16)
+        except ValueError:
+            raise ChainUnavailable(f"chain read failed: eth_chainId answered {str(result)[:40]!r}") from None
 
 
 class Web3Reader:
