@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from blockdeepnet.acl import USERNAME_RE
+from blockdeepnet.private_files import write_private_atomic
 
 ITERATIONS = 101
 _SALT_BYTES = 12
@@ -35,20 +36,3 @@ def set_user(path: Path, user: str, password: str) -> None:
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines if line.strip() and line.split(":", 1)[0] != user]
     write_private_atomic(path, "".join(f"{line}\n" for line in [*kept, f"{user}:{mosquitto_hash(password)}"]))
-
-
-def write_private_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a 0600 temporary file in the same folder, fsynced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

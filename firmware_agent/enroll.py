@@ -37,7 +37,7 @@ from blockdeepnet.enrollment import (
     open_bundle,
 )
 from blockdeepnet.fleet import Fleet, FleetError
-from blockdeepnet.mosquitto_users import write_private_atomic
+from blockdeepnet.private_files import write_private_atomic
 from firmware_agent.errors import AgentSetupError
 from firmware_agent.trainer import load_local_data
 from firmware_agent.vault import DEVICE_KEY, KEY_SHARE, open_vault

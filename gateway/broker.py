@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from blockdeepnet.acl import AclRules, amqtt_acl
-from blockdeepnet.mosquitto_users import write_private_atomic
+from blockdeepnet.private_files import write_private_atomic
 
 log = logging.getLogger(__name__)
 

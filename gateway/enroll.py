@@ -27,7 +27,8 @@ from blockdeepnet.acl import AclRules, mosquitto_acl
 from blockdeepnet.crypto.threshold import KeyShare
 from blockdeepnet.enrollment import EnrollmentError, EnrollmentToken, EnrollRequest, seal_bundle
 from blockdeepnet.fleet import DeviceEntry, Fleet
-from blockdeepnet.mosquitto_users import set_user, write_private_atomic
+from blockdeepnet.mosquitto_users import set_user
+from blockdeepnet.private_files import write_private_atomic
 from gateway.store import EnrollmentUsed
 
 if TYPE_CHECKING:

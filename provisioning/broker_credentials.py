@@ -6,10 +6,10 @@ made with ``mosquitto_passwd``. Writing credentials is provisioning's job (DESIG
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from blockdeepnet.acl import USERNAME_RE
+from blockdeepnet.private_files import write_private_atomic
 
 
 def write_amqtt_password_file(
@@ -33,22 +33,4 @@ def write_amqtt_password_file(
     hasher = Argon2Hasher(time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism)
     text = "".join(f"{name}:{hasher.hash(password)}\n" for name, password in users.items())
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, text.encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private_atomic(Path(path), text)

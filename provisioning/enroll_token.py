@@ -20,7 +20,7 @@ import segno
 from blockdeepnet.config import ConfigError, load_gateway_config
 from blockdeepnet.enrollment import EnrollmentToken, ca_fingerprint, issue_token
 from blockdeepnet.fleet import Fleet, FleetError
-from blockdeepnet.mosquitto_users import write_private_atomic
+from blockdeepnet.private_files import write_private_atomic
 
 
 class TokenError(Exception):

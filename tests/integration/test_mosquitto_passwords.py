@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from blockdeepnet.mosquitto_users import mosquitto_hash, set_user, write_private_atomic
+from blockdeepnet.mosquitto_users import mosquitto_hash, set_user
+from blockdeepnet.private_files import write_private_atomic
 from tests.support.mosquitto import MosquittoProcess
 from tests.support.mqtt import MqttTestClient
 
