@@ -177,11 +177,14 @@ class SecretsConfig:
 @dataclass(frozen=True)
 class StatusConfig:
     """Status LED and push button. ``backend``: ``auto`` (RPi.GPIO where it imports, else a mock that logs),
-    ``gpio``, ``mock`` or ``off``; pins are BCM numbers."""
+    ``gpio``, ``mock`` or ``off``; pins are BCM numbers. ``join``: ``auto`` (take part in every round) or
+    ``button`` (an attended device takes part in a round only after its button was pressed; one press, one
+    round)."""
 
     backend: str = "auto"
     led_pin: int = 17
     button_pin: int = 27
+    join: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,10 @@ def agent_config(raw: dict[str, Any], base: Path) -> AgentConfig:
         raise ConfigError("secrets.passphrase_file is required when secrets.backend is 'keystore'")
     if cfg.status.backend not in ("auto", "gpio", "mock", "off"):
         raise ConfigError(f"status.backend must be auto, gpio, mock or off, got {cfg.status.backend!r}")
+    if cfg.status.join not in ("auto", "button"):
+        raise ConfigError(f"status.join must be 'auto' or 'button', got {cfg.status.join!r}")
+    if cfg.status.join == "button" and cfg.status.backend == "off":
+        raise ConfigError("status.join = 'button' needs a button: status.backend must not be 'off'")
     if cfg.gateway_url and not cfg.gateway_url.startswith(("http://", "https://")):
         raise ConfigError("gateway_url must be an http(s) URL")
     return cfg

@@ -222,6 +222,7 @@ class Agent:
         self._ran = False
         self._thread: threading.Thread | None = None
         self._connected_once = False
+        self._join_requested = False
         self._round_open: RoundOpen | None = None
         self._rounds: dict[int, _Round] = {}
         self._refused: dict[int, bytes] = {}
@@ -819,7 +820,26 @@ class Agent:
                 )
                 self._emit("waiting_for_base", {"round": r, "base_hash": ro.base_model_hash.hex()})
             return False
+        if not self._may_join(r):
+            return False
         self._train(ro)
+        return True
+
+    def request_join(self) -> None:
+        """The status button was pressed: with ``status.join = "button"`` the device takes part in the next
+        round it can (thread-safe: called from the button's thread)."""
+        self._join_requested = True
+
+    def _may_join(self, r: int) -> bool:
+        """``status.join = "button"``: one press, one round; the press is used up when round ``r`` is taken."""
+        if self.config.status.join == "auto":
+            return True
+        if not self._join_requested:
+            if self._note("button", r):
+                self.log.info("round %d: waiting for the status button before taking part", r)
+                self._emit("waiting_for_button", {"round": r})
+            return False
+        self._join_requested = False
         return True
 
     def _train(self, ro: RoundOpen) -> None:

@@ -64,11 +64,9 @@ def _fan_out(hooks: list[EventHook]) -> EventHook | None:
 
 
 def _button_pressed(agent: Agent, indicator: StatusIndicator) -> None:
-    """A press of the status button: log where the device stands.
-
-    It also stands for "take part in the next round"; the agent already joins every round that builds on
-    the model it holds, so nothing needs to change for the next one, and the log line says so.
-    """
+    """A press of the status button: log where the device stands, and take part in the next round (with
+    ``status.join = "button"``; with ``auto`` the agent joins every round anyway)."""
+    agent.request_join()
     seen = indicator.last_round
     logger.info(
         "status button: device %s, %s, latest round seen %s, applied round %d (model %s), LED %s; "

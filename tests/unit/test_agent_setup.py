@@ -172,3 +172,47 @@ def test_cli_reports_setup_errors_in_one_line_with_status_2(files: FleetFiles) -
     assert files.devices[0].key.hex() not in result.output
     missing = CliRunner().invoke(agent_cli, ["run", "--config", str(files.devices[0].config_path) + ".nope"])
     assert missing.exit_code == 2 and "cannot read config file" in missing.output
+
+
+# --- status button: join next round -----------------------------------------------------------------------
+
+
+def test_with_join_button_a_round_is_taken_only_after_a_press(files: FleetFiles) -> None:
+    events: list[str] = []
+    cfg = files.config(3)
+    attended = Agent(
+        dataclasses.replace(cfg, status=dataclasses.replace(cfg.status, backend="mock", join="button")),
+        on_event=lambda name, _data: events.append(name),
+    )
+    always = Agent(files.config(2))
+    try:
+        assert always._may_join(1) and always._may_join(2)  # join = auto: every round
+        assert not attended._may_join(1)
+        assert events == ["waiting_for_button"]
+        attended.request_join()
+        assert attended._may_join(1)  # the press is used up by this round...
+        assert not attended._may_join(2)  # ...and the next one waits for another
+        attended.request_join()
+        assert attended._may_join(2)
+    finally:
+        attended.close()
+        always.close()
+
+
+def test_join_button_needs_a_button(files: FleetFiles) -> None:
+    from blockdeepnet.config import ConfigError, agent_config
+
+    with pytest.raises(ConfigError, match="needs a button"):
+        agent_config(
+            {
+                "fleet_file": "f",
+                "state_dir": "s",
+                "key_file": "k",
+                "status": {"backend": "off", "join": "button"},
+            },
+            Path("."),
+        )
+    with pytest.raises(ConfigError, match=r"status\.join"):
+        agent_config(
+            {"fleet_file": "f", "state_dir": "s", "key_file": "k", "status": {"join": "sometimes"}}, Path(".")
+        )
