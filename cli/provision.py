@@ -89,7 +89,7 @@ def init(
         fail(f"--chain must be 'embedded' or 'rpc', got {chain!r}")
     if chain == "rpc" and not chain_url:
         fail("--chain rpc needs --chain-url http://node:8545")
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths stay whole in logs
     opts = InitOptions(
         name=name,
         root=root or Path(name),

@@ -76,7 +76,7 @@ def issue_enrollment(
 
     taken = {d.key_share for d in fleet.devices if d.key_share} | {t.get("key_share") for t in live}
     on_gateway = sorted(int(p.stem.split("-")[1]) for p in e.shares_dir.glob("share-*.json"))
-    if key_share == "none":
+    if key_share in ("none", "0"):
         share = 0
     elif key_share == "auto":
         share = next((k for k in on_gateway if k not in taken), 0)

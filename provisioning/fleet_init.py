@@ -25,6 +25,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -207,7 +208,7 @@ def init_fleet(opts: InitOptions, progress: Progress = lambda _s: None) -> InitR
         enroll.update(
             mosquitto_passwd="../broker/mosquitto.passwd",
             mosquitto_acl="../broker/mosquitto.acl",
-            broker_reload=f"pkill -HUP -F {broker_dir / 'mosquitto.pid'}",
+            broker_reload=f"pkill -HUP -F {shlex.quote(str(broker_dir / 'mosquitto.pid'))}",
         )
     else:
         write_amqtt_password_file(broker_dir / "amqtt-users", passwords)
