@@ -40,6 +40,7 @@ from blockdeepnet.config import load_agent_config, load_gateway_config, toml_tex
 from blockdeepnet.crypto.threshold import deal
 from cli.provision_service import install_service
 from gateway.broker import free_port
+from provisioning import services
 from provisioning.localfleet import LocalFleet, create_local_fleet
 from provisioning.services import (
     ROLES,
@@ -62,6 +63,22 @@ BDN = Path(sys.executable).with_name("bdn")
 DEALT = deal(1, 2, 512, allow_insecure=True)
 MAX_EXPOSURE = 3.0
 _PR_SET_MDWE, _PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+
+
+@pytest.fixture(autouse=True)
+def _checkout_counts_as_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This checkout and its venv may lie anywhere (CI clones into /tmp, a developer under /root or /home),
+    where the sandbox would hide them from a real service. The installer rightly refuses that, so here the
+    checkout stands in for an installed copy; every other path is still checked as in production."""
+    checkout = (templates_dir().parent.resolve(), BDN.parent.parent.resolve(), BDN.parent.parent)
+    real = services.hidden_from_service
+
+    def hidden(path: Path) -> Path | None:
+        if any(path == c or c in path.parents for c in checkout):
+            return None
+        return real(path)
+
+    monkeypatch.setattr(services, "hidden_from_service", hidden)
 
 
 def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
