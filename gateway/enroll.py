@@ -122,7 +122,11 @@ class Enroller:
         for addr, tx in registered:
             await asyncio.to_thread(gw.store.set_device_registered, addr, tx)
         password = secrets.token_urlsafe(24)
-        await asyncio.to_thread(self._grant_broker_access, fleet, address, password)
+        if self.cfg.mosquitto_passwd is not None:
+            await asyncio.to_thread(self._grant_mosquitto_access, fleet, address, password)
+        elif gw.embedded_broker is not None:
+            # On the loop the broker runs on: its plugins' tables are changed between two of its reads.
+            gw.embedded_broker.allow(address, password, self._acl_rules(fleet))
 
         contents = {
             "fleet": fleet.to_dict(),
@@ -166,21 +170,22 @@ class Enroller:
             raise EnrollmentError("no_share", f"{path} is not share {index} of this fleet's key")
         return share
 
-    def _grant_broker_access(self, fleet: Fleet, address: str, password: str) -> None:
-        """Mosquitto: the device's password line and the regenerated ACL, then the reload command. The embedded
-        broker is told directly."""
-        cfg, broker = self.cfg, self.gw.cfg.broker
+    def _acl_rules(self, fleet: Fleet) -> AclRules:
+        broker = self.gw.cfg.broker
         monitors = [u.strip() for u in broker.monitors.split(",") if u.strip()]
-        rules = AclRules.build(
+        return AclRules.build(
             self.gw.topics, broker.username or "gateway", [d.address for d in fleet.devices], monitors
         )
-        if cfg.mosquitto_passwd is not None and cfg.mosquitto_acl is not None:
-            set_user(cfg.mosquitto_passwd, address, password)
-            write_private_atomic(cfg.mosquitto_acl, mosquitto_acl(rules))
-            if cfg.broker_reload:
-                self._reload_broker()
-        elif self.gw.embedded_broker is not None:
-            self.gw.embedded_broker.allow(address, password, rules)
+
+    def _grant_mosquitto_access(self, fleet: Fleet, address: str, password: str) -> None:
+        """The device's password line and the regenerated ACL, then the reload command (Mosquitto reads both
+        files again on SIGHUP)."""
+        cfg = self.cfg
+        assert cfg.mosquitto_passwd is not None and cfg.mosquitto_acl is not None
+        set_user(cfg.mosquitto_passwd, address, password)
+        write_private_atomic(cfg.mosquitto_acl, mosquitto_acl(self._acl_rules(fleet)))
+        if cfg.broker_reload:
+            self._reload_broker()
 
     def _reload_broker(self) -> None:
         command = shlex.split(self.cfg.broker_reload)

@@ -146,5 +146,10 @@ class GatewayClient:
         if final is not None and self.connected.is_set():
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
             await asyncio.to_thread(info.wait_for_publish, 3.0)
+        # Off the event loop: loop_stop() joins paho's network thread, which may be in the middle of writing to
+        # the embedded broker, and that broker runs on this very loop (blocking here deadlocked a shutdown).
+        await asyncio.to_thread(self._disconnect)
+
+    def _disconnect(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()

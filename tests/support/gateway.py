@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,16 @@ class GatewayThread:
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise RuntimeError("gateway did not stop")
+            raise RuntimeError(f"gateway did not stop within {timeout} s; its thread is at:\n{self._stack()}")
+
+    def _stack(self) -> str:
+        """Where the gateway's thread hangs (and the loop's pending tasks), for the failure message."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+        tasks = (
+            [repr(t.get_coro()) for t in asyncio.all_tasks(self.loop)] if not self.loop.is_closed() else []
+        )
+        return where + "pending tasks: " + ", ".join(tasks)
 
     def __enter__(self) -> GatewayThread:
         return self.start()
