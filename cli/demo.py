@@ -211,8 +211,8 @@ def expected_minutes(devices: int, rounds: int, threshold: int, bench: bool) -> 
     partial decryption (2,104 ciphertexts), ~3 s per device to verify and combine; then the baseline."""
     cores = os.cpu_count() or 2
     per_round = (devices * 2.5 + threshold * 55 + devices * 3) / min(cores, 2) + 10
-    baseline = devices * rounds * 2.2 / min(cores, 2)
-    return (30 + rounds * per_round + baseline + (120 if bench else 0)) / 60
+    baseline = devices * rounds * 1.0 / min(cores, 2)
+    return (30 + rounds * per_round + baseline + (30 if bench else 0)) / 60
 
 
 def _agent_cmd(config: Path) -> list[str]:
