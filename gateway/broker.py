@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from blockdeepnet.acl import AclRules, amqtt_acl
+from blockdeepnet.ports import bind_addresses, free_port, port_in_use, try_bind
 from blockdeepnet.private_files import write_private_atomic
 
 log = logging.getLogger(__name__)
@@ -49,20 +50,11 @@ class BrokerError(Exception):
 # --------------------------------------------------------------------------------------------------- ports
 
 
-def _bind_addresses(host: str, port: int) -> list[tuple[Any, ...]]:
+def _bind_addresses(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return bind_addresses(host, port)
     except socket.gaierror as exc:
         raise BrokerError(f"broker host {host!r} does not resolve: {exc.strerror}") from exc
-    return [(family, addr) for family, _, _, _, addr in infos]
-
-
-def _try_bind(family: int, addr: tuple[Any, ...]) -> None:
-    # SO_REUSEADDR as asyncio.start_server sets it: a port held only by TIME_WAIT leftovers is free for the
-    # broker, one with a listener (or a socket bound without SO_REUSEADDR) is not.
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(addr)
 
 
 class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
@@ -83,35 +75,10 @@ class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
         return [(k, list(v)) for k, v in super().items()]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether binding ``host:port`` for listening would fail because something else holds the port.
-
-    A bind test rather than a connect test: it also catches a socket that is bound but not yet accepting,
-    and a listener on the wildcard address, and it never talks to whatever holds the port.
-    """
-    for family, addr in _bind_addresses(host, port):
-        try:
-            _try_bind(family, addr)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise
-    return False
-
-
-def free_port(host: str) -> int:
-    """A port that is free on ``host`` right now (for tests and the embedded default; another process may
-    still take it before it is used: prefer port 0 where the listener can report what it got)."""
-    family, addr = _bind_addresses(host, 0)[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(addr)
-        return int(s.getsockname()[1])
-
-
 def _check_bindable(host: str, port: int) -> None:
     for family, addr in _bind_addresses(host, port):
         try:
-            _try_bind(family, addr)
+            try_bind(family, addr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise BrokerError(

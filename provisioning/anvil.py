@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from blockdeepnet.ports import free_port, port_in_use
 
 NODE_MODULES = Path(__file__).resolve().parent.parent / "contracts" / "node_modules"
 
@@ -51,17 +52,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((host, port)) == 0
-
-
 class AnvilProcess:
     """Start with :meth:`start` (or as a context manager); :meth:`stop` ends it gracefully (state dumped)."""
 
@@ -75,7 +65,7 @@ class AnvilProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> AnvilProcess:
-        if port_in_use(self.port):
+        if port_in_use("127.0.0.1", self.port):
             raise AnvilError(f"port {self.port} is already in use; choose another with --port")
         args = [str(find_anvil()), "--host", "127.0.0.1", "--port", str(self.port), "--hardfork", "london"]
         args += ["--gas-price", "0", "--base-fee", "0", "--order", "fifo", "--silent"]

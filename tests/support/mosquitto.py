@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from blockdeepnet.ports import free_port, port_in_use
+
 HOST = "127.0.0.1"
 
 
@@ -30,22 +32,6 @@ def mosquitto_binary() -> str:
         if candidate and Path(candidate).exists():
             return candidate
     raise RuntimeError("mosquitto not found: install the mosquitto package or set $BDN_MOSQUITTO")
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_taken(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def _die_with_parent() -> None:
@@ -197,7 +183,7 @@ class MosquittoProcess:
         """Start and wait for the listener; RuntimeError with the log tail if it exits or never listens."""
         if self.running:
             return self
-        if _port_taken(self.host, self.port):
+        if port_in_use(self.host, self.port):
             # Without this a broker already on the port would answer and pass for this one.
             raise RuntimeError(f"port {self.port} on {self.host} is already in use; cannot start mosquitto")
         self.write_config()

@@ -25,6 +25,8 @@ from types import TracebackType
 
 import pytest
 
+from blockdeepnet.ports import free_port_pair
+
 HOST = "127.0.0.1"
 
 
@@ -34,27 +36,6 @@ def swtpm_binary() -> str:
         if candidate and Path(candidate).exists():
             return candidate
     raise RuntimeError("swtpm not found: install the Debian packages swtpm and swtpm-tools (make test does)")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_pair() -> int:
-    """A port P such that P and P+1 are both free on loopback right now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port < 65535 and _bindable(port) and _bindable(port + 1):
-            return port
-    raise RuntimeError("no two adjacent free ports on loopback")
 
 
 def _die_with_parent() -> None:
@@ -88,7 +69,7 @@ class Swtpm:
 
     def start(self, timeout: float = 10.0) -> Swtpm:
         for _ in range(3):
-            self.port = free_port_pair()
+            self.port = free_port_pair(HOST)
             self.proc = subprocess.Popen(
                 [
                     swtpm_binary(),
