@@ -25,6 +25,7 @@ connect anyway (a broker may have lost the session). The last will is a retained
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import queue
@@ -620,8 +621,17 @@ class Agent:
         strangers = [d for d in block.devices if self.fleet.device(d) is None]
         if strangers:
             return f"lists devices outside the fleet: {', '.join(strangers)}"
-        if block.total_weight_den != self.fleet.total_samples:
-            return f"weight denominator {block.total_weight_den} is not the fleet total {self.fleet.total_samples}"
+        # The fleet only grows by appending (enrollment): the round's fleet is a prefix of ours, and its sample
+        # total the sum over that prefix. A block from before a newcomer joined is still this fleet's.
+        totals = list(itertools.accumulate(d.samples for d in self.fleet.devices))
+        last = max(
+            (i for i, d in enumerate(self.fleet.devices) if d.address in set(block.devices)), default=0
+        )
+        if block.total_weight_den not in totals[last:]:
+            return (
+                f"weight denominator {block.total_weight_den} is not the sample total of the fleet "
+                f"({self.fleet.total_samples}) or of the fleet as it was before later enrollments"
+            )
         return ""
 
     def _refuse(self, r: int, digest: bytes, reason: str) -> None:

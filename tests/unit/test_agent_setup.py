@@ -216,3 +216,32 @@ def test_join_button_needs_a_button(files: FleetFiles) -> None:
         agent_config(
             {"fleet_file": "f", "state_dir": "s", "key_file": "k", "status": {"join": "sometimes"}}, Path(".")
         )
+
+
+# --- a block from before later enrollments ----------------------------------------------------------------
+
+
+def test_a_block_weighted_by_an_earlier_smaller_fleet_is_still_the_fleets(files: FleetFiles) -> None:
+    from blockdeepnet.wire import GlobalBlock
+
+    a = Agent(files.config(0))
+    try:
+        devices = [d.address for d in files.devices]  # 4 devices of 64 samples: prefix totals 64..256
+        block = GlobalBlock(
+            round=1,
+            aggregate=b"\x01" * a.tpk.public_key.ciphertext_bytes * a.ciphertext_count,
+            devices=devices[:2],
+            total_weight_num=64,  # (the chain check, not this one, holds the numerator to the commit)
+            total_weight_den=128,
+            merkle_root=b"\x00" * 32,
+            commit_tx=None,
+        )
+        assert a._precheck_global(block) == ""  # the fleet of the first two devices
+        for den in (192, 256):  # rounds opened after a third / fourth device enrolled
+            assert a._precheck_global(dataclasses.replace(block, total_weight_den=den)) == ""
+        for den in (64, 100, 320):  # too few for the listed devices, no prefix, more than the fleet holds
+            assert "weight denominator" in a._precheck_global(
+                dataclasses.replace(block, total_weight_den=den)
+            )
+    finally:
+        a.close()
