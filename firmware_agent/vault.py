@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from blockdeepnet.config import AgentConfig
+from blockdeepnet.private_files import write_private_atomic as core_write_private_atomic
 from firmware_agent.errors import AgentSetupError
 from firmware_agent.keys import (
     DEVICE_KEY,
@@ -128,32 +128,12 @@ class Vault(ABC):
 
 
 def write_private_atomic(path: Path, data: bytes, what: str) -> None:
-    """Replace ``path`` with ``data``: a 0600 temporary file in the same folder, fsynced, renamed over it, and
-    the folder fsynced, so a crash leaves the old secret or the new one, never half of one. A missing folder
-    is created 0700; the temporary file never has a looser mode than 0600 (``mkstemp``)."""
+    """:func:`blockdeepnet.private_files.write_private_atomic` into a folder created 0700 if missing; a
+    failure is an :class:`AgentSetupError` naming ``what`` (never the secret)."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        core_write_private_atomic(path, data)
     except OSError as exc:
-        raise AgentSetupError(f"cannot write {what} {path}: {exc.strerror}") from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise AgentSetupError(f"cannot write {what} {path}: {exc.strerror}") from None
 
 
