@@ -44,7 +44,7 @@ from blockdeepnet.mosquitto_users import set_user
 from blockdeepnet.wire import Topics
 from provisioning.broker_credentials import write_amqtt_password_file
 from provisioning.certs import create_ca, issue_server_cert
-from provisioning.private_files import write_private
+from provisioning.private_files import private_dir, write_private
 
 Progress = Callable[[str], None]
 
@@ -80,12 +80,6 @@ class InitResult:
     gateway_config: Path
     mosquitto_config: Path | None
     moved_aside: Path | None
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
 
 
 def _check(opts: InitOptions) -> None:
@@ -136,15 +130,15 @@ def init_fleet(opts: InitOptions, progress: Progress = lambda _s: None) -> InitR
     # Absolute paths: mosquitto.conf and broker_reload are used from other working directories (systemd).
     opts = replace(opts, root=opts.root.absolute())
     moved = _clear_root(opts)
-    root = _private_dir(opts.root)
+    root = private_dir(opts.root)
     owner = opts.owner or pwd.getpwuid(os.geteuid()).pw_name
 
     progress(
         f"dealing a {opts.key_bits}-bit threshold Paillier key into {opts.holders} shares (t={opts.threshold})"
     )
     tpk, shares = deal(opts.threshold, opts.holders, opts.key_bits, allow_insecure=opts.key_bits < 2048)
-    gw_dir = _private_dir(root / "gateway")
-    shares_dir = _private_dir(gw_dir / "shares")
+    gw_dir = private_dir(root / "gateway")
+    shares_dir = private_dir(gw_dir / "shares")
     for share in shares:
         write_private(shares_dir / f"share-{share.index}.json", json.dumps(share.to_dict()))
     del shares
@@ -167,9 +161,9 @@ def init_fleet(opts: InitOptions, progress: Progress = lambda _s: None) -> InitR
     fleet.save(root / "fleet.json")
 
     progress("creating the fleet CA and certificates")
-    ca = create_ca(_private_dir(root / "ca"), opts.name)
+    ca = create_ca(private_dir(root / "ca"), opts.name)
     hosts = list(dict.fromkeys([opts.broker_host, *opts.hostnames, "localhost"]))
-    broker_dir = _private_dir(root / "broker")
+    broker_dir = private_dir(root / "broker")
     issue_server_cert(ca, gw_dir, "gateway-tls", opts.name, [opts.http_host, *opts.hostnames])
 
     passwords = {"gateway": secrets.token_urlsafe(24), "monitor": secrets.token_urlsafe(24)}
@@ -224,8 +218,8 @@ def init_fleet(opts: InitOptions, progress: Progress = lambda _s: None) -> InitR
     }
     gateway_toml = gw_dir / "gateway.toml"
     gateway_toml.write_text(toml_text(gw_cfg))
-    _private_dir(root / "enroll")
-    _private_dir(gw_dir / "state")
+    private_dir(root / "enroll")
+    private_dir(gw_dir / "state")
     if opts.owner:
         _chown_tree(root, opts.owner)
     return InitResult(root, fleet, gateway_toml, mosquitto_conf, moved)

@@ -18,7 +18,6 @@ init`` (the operator's tool) builds on the same pieces; this module is the one-m
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ from blockdeepnet.fleet import ChainInfo, DeviceEntry, Fleet, contract_address
 from blockdeepnet.ledger import EMBEDDED_CHAIN_ID, Ledger, rpc_web3
 from blockdeepnet.wire import Topics
 from provisioning.broker_credentials import write_amqtt_password_file
-from provisioning.private_files import write_private
+from provisioning.private_files import private_dir, write_private
 
 
 @dataclass(frozen=True)
@@ -68,16 +67,10 @@ class LocalFleet:
         return out
 
 
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
 def _write_broker_files(root: Path, name: str, passwords: dict[str, str], devices: list[str]) -> None:
     """The broker's side of the credentials: amqtt's argon2 users file, and for Mosquitto a ``$7$`` password
     file (``mosquitto_passwd``) and the DESIGN §3 ACL file, so either broker can enforce the same rules."""
-    folder = _private_dir(root / "broker")
+    folder = private_dir(root / "broker")
     write_amqtt_password_file(folder / "amqtt-users", passwords)
     rules = AclRules.build(Topics(name), "gateway", devices, ["monitor"])
     (folder / "mosquitto.acl").write_text(mosquitto_acl(rules))
@@ -115,7 +108,7 @@ def create_local_fleet(
     otherwise the contract is deployed now on that JSON-RPC node (gas price 0, as on QBFT and ``bdn chain dev``).
     ``dealt`` reuses an already dealt key (tests deal one small key for many fleets).
     """
-    root = _private_dir(root)
+    root = private_dir(root)
     if any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty: a fleet folder is created once")
     if not 1 <= threshold <= holders <= devices:
@@ -123,7 +116,7 @@ def create_local_fleet(
     tpk, shares = dealt or deal(threshold, holders, key_bits, allow_insecure=key_bits < 2048)
     layout = SlotLayout(tpk.public_key.bits)
 
-    gw_dir = _private_dir(root / "gateway")
+    gw_dir = private_dir(root / "gateway")
     gateway = Account.create()
     write_private(gw_dir / "gateway.key", gateway.key.hex() + "\n")
     if chain_url is None:
@@ -172,9 +165,9 @@ def create_local_fleet(
     (gw_dir / "gateway.toml").write_text(toml_text(gw_cfg))
 
     local: list[LocalDevice] = []
-    dev_root = _private_dir(root / "devices")
+    dev_root = private_dir(root / "devices")
     for k, (entry, private) in enumerate(zip(entries, keys, strict=True)):
-        folder = _private_dir(dev_root / entry.name)
+        folder = private_dir(dev_root / entry.name)
         write_private(folder / "device.key", private.hex() + "\n")
         agent: dict[str, Any] = {
             "fleet_file": "../../fleet.json",

@@ -14,3 +14,10 @@ def write_private(path: Path, text: str) -> None:
         os.write(fd, text.encode("ascii"))
     finally:
         os.close(fd)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` (and its parents) as a folder only its owner may enter (0700, also when it existed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
