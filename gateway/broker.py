@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from blockdeepnet.acl import AclRules, amqtt_acl
-from blockdeepnet.ports import bind_addresses, free_port, port_in_use, try_bind
+from blockdeepnet.ports import free_port, port_in_use
 from blockdeepnet.private_files import write_private_atomic
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,6 @@ class BrokerError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------- ports
-
-
-def _bind_addresses(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
-    try:
-        return bind_addresses(host, port)
-    except socket.gaierror as exc:
-        raise BrokerError(f"broker host {host!r} does not resolve: {exc.strerror}") from exc
 
 
 class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
@@ -76,28 +69,27 @@ class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
 
 
 def _check_bindable(host: str, port: int) -> None:
-    for family, addr in _bind_addresses(host, port):
-        try:
-            try_bind(family, addr)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise BrokerError(
-                    f"port {port} on {host} is already in use (another MQTT broker?): "
-                    "set broker.port in gateway.toml to a free port or 0"
-                ) from None
-            if exc.errno == errno.EACCES:
-                raise BrokerError(
-                    f"not allowed to listen on port {port} on {host} (ports below 1024 need privileges): "
-                    "set broker.port in gateway.toml to 1024 or above, or 0"
-                ) from None
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise BrokerError(
-                    f"{host} is not an address of this machine: set broker.host in gateway.toml"
-                ) from None
-            raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-
-
-# --------------------------------------------------------------------------------------------- credentials
+    """Raise :class:`BrokerError` saying what to change unless the broker can listen on ``host:port``."""
+    try:
+        taken = port_in_use(host, port)
+    except socket.gaierror as exc:
+        raise BrokerError(f"broker host {host!r} does not resolve: {exc.strerror}") from exc
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise BrokerError(
+                f"not allowed to listen on port {port} on {host} (ports below 1024 need privileges): "
+                "set broker.port in gateway.toml to 1024 or above, or 0"
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise BrokerError(
+                f"{host} is not an address of this machine: set broker.host in gateway.toml"
+            ) from None
+        raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    if taken:
+        raise BrokerError(
+            f"port {port} on {host} is already in use (another MQTT broker?): "
+            "set broker.port in gateway.toml to a free port or 0"
+        )
 
 
 # -------------------------------------------------------------------------------------------------- broker
