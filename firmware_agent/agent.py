@@ -624,9 +624,8 @@ class Agent:
         # The fleet only grows by appending (enrollment): the round's fleet is a prefix of ours, and its sample
         # total the sum over that prefix. A block from before a newcomer joined is still this fleet's.
         totals = list(itertools.accumulate(d.samples for d in self.fleet.devices))
-        last = max(
-            (i for i, d in enumerate(self.fleet.devices) if d.address in set(block.devices)), default=0
-        )
+        listed = set(block.devices)
+        last = max((i for i, d in enumerate(self.fleet.devices) if d.address in listed), default=0)
         if block.total_weight_den not in totals[last:]:
             return (
                 f"weight denominator {block.total_weight_den} is not the sample total of the fleet "
