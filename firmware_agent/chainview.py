@@ -88,8 +88,8 @@ class JsonRpcReader:
 
     def chain_id(self) -> int:
         result = self._request("eth_chainId", [])
-        try:  # a JSON-RPC quantity is a hex string; the gateway's view of eth-tester answers a plain number
-            return result if type(result) is int else int(str(result), 16)
+        try:  # a JSON-RPC quantity: a hex string
+            return int(str(result), 16)
         except ValueError:
             raise ChainUnavailable(f"chain read failed: eth_chainId answered {str(result)[:40]!r}") from None
 

@@ -56,7 +56,9 @@ async def serve(gw: Gateway, stack: AsyncExitStack) -> int:
             )
         response: dict[str, Any] = await asyncio.to_thread(gw.chain.read_only_request, method, params)
         response["jsonrpc"], response["id"] = "2.0", ident
-        return web.Response(text=json.dumps(response, default=_jsonable), content_type="application/json")
+        if "result" in response:
+            response["result"] = _wire(response["result"])
+        return web.Response(text=json.dumps(response), content_type="application/json")
 
     async def fleet(_req: web.Request) -> web.Response:
         return web.json_response(gw.fleet.to_dict())
@@ -94,10 +96,18 @@ async def serve(gw: Gateway, stack: AsyncExitStack) -> int:
     return port
 
 
-def _jsonable(value: Any) -> Any:
-    """web3 results hold HexBytes and AttributeDicts: render them as JSON-RPC hex strings and objects."""
+def _wire(value: Any) -> Any:
+    """eth-tester's answer in JSON-RPC's own encoding: bytes (HexBytes) as hex data, every integer as a hex
+    quantity (eth-tester hands back Python ints, e.g. for ``eth_chainId``; nodes answer ``"0x..."``, and
+    devices read ``/rpc`` with a plain JSON-RPC client), mappings (AttributeDicts) and lists recursively."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return hex(value)
     if isinstance(value, bytes | bytearray):
         return Web3.to_hex(value)
     if hasattr(value, "items"):
-        return dict(value.items())
+        return {k: _wire(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_wire(v) for v in value]
     raise TypeError(f"cannot encode {type(value).__name__}")

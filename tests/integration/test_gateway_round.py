@@ -153,6 +153,18 @@ def test_http_endpoint_serves_health_metrics_and_a_read_only_chain(tmp_path: Pat
         contract = w3.eth.contract(address=local.fleet.chain.contract, abi=Artifact.load().abi)
         assert w3.eth.chain_id == local.fleet.chain.chain_id
         assert bytes(contract.functions.getRound(1).call()[0]) == local.fleet.initial_model_hash()
+        # Quantities come back as JSON-RPC hex strings, as from a node (devices read /rpc with plain JSON-RPC).
+        ask = urllib.request.Request(
+            f"{base}/rpc",
+            data=json.dumps({"jsonrpc": "2.0", "id": 7, "method": "eth_chainId", "params": []}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(ask, timeout=10) as r:
+            assert json.loads(r.read()) == {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "result": hex(local.fleet.chain.chain_id),
+            }
         refused = urllib.request.Request(
             f"{base}/rpc",
             data=json.dumps(
