@@ -11,8 +11,8 @@ BDN := $(VENV)/bin/bdn
 # Debian packages the project needs at run time and in tests (mosquitto: the tests start their own brokers
 # with their own ACL and password files; mosquitto_passwd comes with it).
 # swtpm: a software TPM 2.0 for the sealing tests; libtss2-dev + pkg-config: tpm2-pytss builds against them;
-# systemd: systemd-analyze checks the unit files.
-DEB_PACKAGES := dataset-fashion-mnist mosquitto swtpm swtpm-tools libtss2-dev pkg-config systemd
+# systemd: systemd-analyze checks the unit files; chromium + chromium-driver: the dashboard's browser test.
+DEB_PACKAGES := dataset-fashion-mnist mosquitto swtpm swtpm-tools libtss2-dev pkg-config systemd chromium chromium-driver
 DEMO_ARGS ?= --devices 10 --rounds 5 --seed 7
 
 .PHONY: help demo test lint venv deb-deps clean

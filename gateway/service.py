@@ -81,7 +81,7 @@ class Gateway:
         self.public_key = fleet.public_key.public_key
         self.length = fleet.layout.ciphertexts_for(PAPER_CNN_PARAMS)
         self._w3 = w3
-        self._emit = on_event or (lambda _n, _d: None)
+        self._listeners: list[EventHook] = [on_event] if on_event else []
         self.ready = asyncio.Event()
         self.finished = asyncio.Event()
         self.broker_port: int | None = None
@@ -94,10 +94,27 @@ class Gateway:
         self._changed = asyncio.Event()
         self._round_known = asyncio.Event()
         self.round_loss: dict[int, float] = {}
+        self.chain_height: int | None = None
         self.store: Store
         self.chain: ChainLink
         self.client: GatewayClient
         self.relay: Relay
+
+    # ------------------------------------------------------------------------------------------- events
+
+    def listen(self, hook: EventHook) -> None:
+        """Call ``hook(event, data)`` on the loop for every gateway event (round_open, round_closing,
+        round_closed, round_skipped, round_extended, update_accepted, update_recorded, update_rejected,
+        device_state, report, chain_height). The demo's display, the Sparkplug edge node and tests listen."""
+        self._listeners.append(hook)
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        """Tell every listener. A listener's failure is logged, never the gateway's: the round goes on."""
+        for hook in self._listeners:
+            try:
+                hook(event, data)
+            except Exception:
+                log.exception("event listener failed on %s", event)
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -394,6 +411,7 @@ class Gateway:
         """Aggregate, commit on chain, publish the global block; returns the next round's base hash."""
         r = live.round
         await asyncio.to_thread(self.store.set_round_status, r, "closing")
+        self._emit("round_closing", {"round": r, "count": len(live.folded)})
         recorded = await asyncio.to_thread(self.store.recorded_updates, r)
         if {u.device for u in recorded} != set(live.folded):
             raise GatewayError(f"round {r}: the running sum and the store disagree on the included updates")
@@ -482,10 +500,15 @@ class Gateway:
                 delay = min(delay * 2, 10.0)
 
     async def _chain_watch(self) -> None:
+        seen: int | None = None
         while True:
             with contextlib.suppress(LedgerError):
                 height = await self.chain.call(lambda lg: lg.block_number())
                 self.metrics.chain_height.set(height)
+                if height != seen:
+                    seen = height
+                    self.chain_height = height
+                    self._emit("chain_height", {"height": height})
             self.metrics.outbox_pending.set(await asyncio.to_thread(self.store.outbox_pending_count))
             await asyncio.sleep(2.0)
 
