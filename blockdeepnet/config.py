@@ -90,6 +90,61 @@ class HttpConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    dashboard: bool = True  # the operator dashboard at /dashboard (same listener as /metrics)
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """The upstream bridge: the gateway forwards chosen topics to the plant's broker and back.
+
+    ``up`` and ``down`` are MQTT topic filters as the *local* broker spells them; upstream, each topic carries
+    ``remote_prefix`` in front (``"plant1/"``: ``bdn/v1/f/round`` up is ``plant1/bdn/v1/f/round`` there, and
+    ``plant1/<t>`` down arrives locally as ``<t>``). A message is acknowledged on the side it came from only
+    after the other side has acknowledged it, so a QoS 1 message survives either broker (or the gateway)
+    going away. ``protocol``: ``"3.1.1"`` or ``"5"``. ``password_file``: the upstream password, one line, 0600.
+    """
+
+    enabled: bool = False
+    host: str = ""
+    port: int = 1883
+    protocol: str = "3.1.1"
+    username: str = ""
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_id: str = ""  # empty: bdn-bridge-<fleet>
+    keepalive_s: int = 30
+    remote_prefix: str = ""
+    up: tuple[str, ...] = ("bdn/v1/+/gateway/state", "bdn/v1/+/round", "bdn/v1/+/dev/+/state")
+    down: tuple[str, ...] = ()
+    qos: int = 1
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read bridge password file {self.password_file}: {exc.strerror}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class SparkplugConfig:
+    """The gateway as a Sparkplug B edge node (``spBv1.0/<group_id>/N…/<edge_node_id>``) for SCADA/historians.
+
+    ``server``: ``"upstream"`` publishes straight to the plant broker of ``[bridge]`` (so the plant broker
+    itself sends NDEATH when the gateway dies), ``"local"`` to the gateway's own broker; empty: upstream when
+    the bridge is enabled, else local. ``edge_node_id`` defaults to the fleet name.
+    """
+
+    enabled: bool = False
+    group_id: str = "BlockDeepNet"
+    edge_node_id: str = ""
+    server: str = ""
+    min_interval_s: float = 1.0  # NDATA/DDATA: changes within this interval go out together
 
 
 @dataclass(frozen=True)
@@ -124,6 +179,8 @@ class GatewayConfig:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     enroll: EnrollConfig = field(default_factory=EnrollConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
     max_update_bytes: int = 0  # 0 = wire.UPDATE_MAX_BYTES
 
     @property
@@ -226,6 +283,8 @@ def _build(cls: type[_T], raw: dict[str, Any], where: str, base: Path) -> _T:
         "enroll": EnrollConfig,
         "secrets": SecretsConfig,
         "status": StatusConfig,
+        "bridge": BridgeConfig,
+        "sparkplug": SparkplugConfig,
     }
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
@@ -253,6 +312,10 @@ def _build(cls: type[_T], raw: dict[str, Any], where: str, base: Path) -> _T:
             if type(value) is not str:
                 raise ConfigError(f"{key} must be a string, got {value!r}")
             values[name] = value
+        elif ftype == "tuple[str, ...]":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{key} must be a list of non-empty strings, got {value!r}")
+            values[name] = tuple(value)
         else:
             raise ConfigError(f"{key} must be a table")
     try:
@@ -305,6 +368,65 @@ def _check_rounds(r: RoundsConfig) -> None:
         raise ConfigError("rounds.deadline_s must be positive")
 
 
+def _check_topic_filter(f: str, key: str) -> None:
+    """MQTT's rules for a topic filter: ``+`` a whole level, ``#`` only as the last level, no NUL."""
+    levels = f.split("/")
+    for i, level in enumerate(levels):
+        if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
+            raise ConfigError(
+                f"{key}: {f!r} is not an MQTT topic filter ('+' and '#' stand for whole levels)"
+            )
+    if "\0" in f or len(f.encode()) > 65535:
+        raise ConfigError(f"{key}: {f!r} is not an MQTT topic filter")
+
+
+def _check_bridge(b: BridgeConfig) -> None:
+    if not b.enabled:
+        return
+    if not b.host:
+        raise ConfigError("bridge.enabled needs bridge.host (the plant broker)")
+    if not 1 <= b.port <= 65535:
+        raise ConfigError(f"bridge.port must be 1..65535, got {b.port}")
+    if b.protocol not in ("3.1.1", "5"):
+        raise ConfigError(f'bridge.protocol must be "3.1.1" or "5", got {b.protocol!r}')
+    if b.qos not in (0, 1):
+        raise ConfigError(f"bridge.qos must be 0 or 1, got {b.qos}")
+    if (b.tls_cert is None) != (b.tls_key is None):
+        raise ConfigError("bridge: tls_cert and tls_key go together")
+    if b.password_file is not None and not b.username:
+        raise ConfigError("bridge: password_file needs a username")
+    if b.keepalive_s < 5:
+        raise ConfigError("bridge.keepalive_s must be >= 5")
+    if any(c in b.remote_prefix for c in "+#\0"):
+        raise ConfigError(f"bridge.remote_prefix may not hold MQTT wildcards, got {b.remote_prefix!r}")
+    if not b.up and not b.down:
+        raise ConfigError("bridge: nothing to forward (bridge.up and bridge.down are both empty)")
+    for name, filters in (("up", b.up), ("down", b.down)):
+        for f in filters:
+            _check_topic_filter(f, f"bridge.{name}")
+    both = sorted(set(b.up) & set(b.down))
+    if both:
+        raise ConfigError(
+            f"bridge: {', '.join(both)} in both up and down would loop messages between brokers"
+        )
+
+
+def _check_sparkplug(sp: SparkplugConfig, bridge: BridgeConfig) -> None:
+    if not sp.enabled:
+        return
+    if sp.server not in ("", "local", "upstream"):
+        raise ConfigError(f'sparkplug.server must be "local" or "upstream", got {sp.server!r}')
+    if sp.server == "upstream" and not bridge.enabled:
+        raise ConfigError('sparkplug.server = "upstream" needs the plant broker in [bridge] (bridge.enabled)')
+    for key, value in (("group_id", sp.group_id), ("edge_node_id", sp.edge_node_id)):
+        if any(c in value for c in "/+#") or (key == "group_id" and not value):
+            raise ConfigError(
+                f"sparkplug.{key} must be a non-empty name without '/', '+' or '#', got {value!r}"
+            )
+    if sp.min_interval_s < 0:
+        raise ConfigError("sparkplug.min_interval_s must be >= 0")
+
+
 def gateway_config(raw: dict[str, Any], base: Path) -> GatewayConfig:
     """Validate a parsed ``gateway.toml`` (``base``: the folder relative paths start from)."""
     cfg = _build(GatewayConfig, raw, "", base)
@@ -323,6 +445,8 @@ def gateway_config(raw: dict[str, Any], base: Path) -> GatewayConfig:
         raise ConfigError("enroll: mosquitto_passwd and mosquitto_acl go together")
     if not 0 <= e.broker_port <= 65535:
         raise ConfigError("enroll.broker_port must be 0..65535")
+    _check_bridge(cfg.bridge)
+    _check_sparkplug(cfg.sparkplug, cfg.bridge)
     if cfg.store.url and not cfg.store.url.startswith(("sqlite:", "postgresql")):
         raise ConfigError(
             f"store.url must be a sqlite:/// or postgresql:// URL, got {cfg.store.url.split(':')[0]}:"
@@ -406,4 +530,6 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str | Path):
         return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
