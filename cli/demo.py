@@ -45,6 +45,48 @@ from provisioning.localfleet import LocalFleet, create_local_fleet
 FLEET_NAME = "demo"
 
 
+@dataclass(frozen=True)
+class Scada:
+    """How the demo's gateway shows up in a plant: its HTTP port (dashboard), an optional plant broker to bridge
+    to, and whether the Sparkplug B edge node runs."""
+
+    http_port: int = 0
+    upstream: tuple[str, int] | None = None
+    protocol: str = "3.1.1"
+    prefix: str = ""
+    sparkplug: bool = True
+
+    def gateway_sections(self) -> dict[str, Any]:
+        sections: dict[str, Any] = {"sparkplug": {"enabled": self.sparkplug}}
+        if self.upstream is not None:
+            host, port = self.upstream
+            sections["bridge"] = {
+                "enabled": True,
+                "host": host,
+                "port": port,
+                "protocol": self.protocol,
+                "remote_prefix": self.prefix,
+                "client_id": f"bdn-bridge-{FLEET_NAME}-{secrets.token_hex(3)}",
+            }
+        return sections
+
+
+def parse_upstream(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` of a plant broker, checked for reachability now: a typo should stop the demo at once, not
+    show up as a bridge retrying in the background for ten minutes."""
+    import socket
+
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    port = int(port_text)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise ValueError(f"cannot reach the plant broker at {host}:{port}: {exc.strerror or exc}") from exc
+    return host, port
+
+
 @dataclass
 class RoundView:
     number: int
@@ -382,6 +424,7 @@ def run_demo(
     seed: int,
     bench: bool,
     console: Console,
+    scada: Scada | None = None,
 ) -> dict[str, Any]:
     from cli.simulation import SimulationConfig, local_only_curves
 
@@ -391,7 +434,9 @@ def run_demo(
         f"dealing a {key_bits}-bit Paillier key to {holders} key-holder devices (t = {threshold})..."
     )
     dealt = deal(threshold, holders, key_bits, allow_insecure=key_bits < 2048)
-    broker_port, http_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    scada = scada or Scada()
+    broker_port = free_port("127.0.0.1")
+    http_port = scada.http_port or free_port("127.0.0.1")
     local = create_local_fleet(
         run_dir / "fleet",
         name=FLEET_NAME,
@@ -402,7 +447,10 @@ def run_demo(
         http_port=http_port,
         model_seed=seed,
         dealt=dealt,
-        gateway_extra={"rounds": {"max_rounds": rounds, "min_updates": 2, "deadline_s": 900.0}},
+        gateway_extra={
+            "rounds": {"max_rounds": rounds, "min_updates": 2, "deadline_s": 900.0},
+            **scada.gateway_sections(),
+        },
         agent_extra=lambda _k: {
             "chain_rpc": f"http://127.0.0.1:{http_port}/rpc",
             "data": {"evaluate_test": True},
@@ -412,6 +460,13 @@ def run_demo(
         f"fleet in {local.root}: embedded broker on 127.0.0.1:{broker_port}, embedded chain "
         f"(read-only RPC at http://127.0.0.1:{http_port}/rpc), metrics at http://127.0.0.1:{http_port}/metrics"
     )
+    console.print(f"dashboard: http://127.0.0.1:{http_port}/dashboard")
+    if scada.upstream is not None:
+        host, port = scada.upstream
+        console.print(
+            f"bridged to the plant broker at {host}:{port} (MQTT {scada.protocol}, prefix {scada.prefix!r})"
+            + ("; Sparkplug B edge node there" if scada.sparkplug else "")
+        )
     state = DemoState(devices, rounds)
     asyncio.run(run_federation(local, state, console, run_dir / "logs"))
     console.print(

@@ -405,8 +405,53 @@ cli.add_command(provision)
     show_default=True,
     help="Also measure round latency for 5-50 devices (the Fig. 4a plot; about 2 minutes).",
 )
+@click.option(
+    "--http-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the gateway's HTTP endpoint (dashboard, /metrics, /rpc); 0 = a free one.",
+)
+@click.option(
+    "--upstream",
+    metavar="HOST:PORT",
+    default="",
+    help="A plant MQTT broker to bridge to (gateway state, round and device states go up); "
+    "the Sparkplug B edge node then publishes there too.",
+)
+@click.option(
+    "--upstream-protocol",
+    type=click.Choice(["3.1.1", "5"]),
+    default="3.1.1",
+    show_default=True,
+    help="MQTT version spoken to the plant broker.",
+)
+@click.option(
+    "--upstream-prefix",
+    default="",
+    help="Text put in front of every bridged topic on the plant broker (e.g. 'site1/').",
+)
+@click.option(
+    "--sparkplug/--no-sparkplug",
+    default=True,
+    show_default=True,
+    help="Run the Sparkplug B edge node (spBv1.0/BlockDeepNet/.../demo) on the plant broker, or on the "
+    "embedded one without --upstream.",
+)
 def demo(
-    devices: int, rounds: int, threshold: int, holders: int, key_bits: int, seed: int, out: Path, bench: bool
+    devices: int,
+    rounds: int,
+    threshold: int,
+    holders: int,
+    key_bits: int,
+    seed: int,
+    out: Path,
+    bench: bool,
+    http_port: int,
+    upstream: str,
+    upstream_protocol: str,
+    upstream_prefix: str,
+    sparkplug: bool,
 ) -> None:
     """The appliance end to end on this machine: embedded broker + embedded chain + gateway + DEVICES device
     agents on the paper split of Fashion-MNIST, then a results table and PNG plots.
@@ -415,10 +460,15 @@ def demo(
     defaults (t = 2 of l = 3, 5 rounds) keep the whole demo under 15 minutes on 2 cores.
     """
     from blockdeepnet.data import load_fashion_mnist
-    from cli.demo import expected_minutes, result_table, run_demo
+    from cli.demo import Scada, expected_minutes, parse_upstream, result_table, run_demo
 
     if not 1 <= threshold <= holders <= devices or devices < 2 or rounds < 1:
         fail("need 2 <= devices, 1 <= threshold <= holders <= devices and rounds >= 1")
+    try:
+        plant = parse_upstream(upstream) if upstream else None
+    except ValueError as exc:
+        fail(f"--upstream: {exc}")
+    scada = Scada(http_port, plant, upstream_protocol, upstream_prefix, sparkplug)
     try:
         load_fashion_mnist()
     except DatasetError as exc:
@@ -438,6 +488,7 @@ def demo(
         seed=seed,
         bench=bench,
         console=console,
+        scada=scada,
     )
     console.print(result_table(result))
     console.print(
