@@ -15,6 +15,8 @@ The rules, under the fleet prefix ``bdn/v1/<fleet>/``:
 * the **gateway** alone publishes ``round``, ``global/#``, ``dev/+/receipt`` and ``gateway/state``, and may
   subscribe to everything under the prefix;
 * a **monitor** (dashboards, audit taps) may subscribe to everything under the prefix and publish nothing;
+* the gateway also speaks **Sparkplug B** (its edge node publishes ``spBv1.0/...`` and reads its NCMD
+  commands there), and monitors may read that namespace (a SCADA host on the local broker);
 * anyone else, including anonymous clients, gets nothing.
 
 Every entry is explicit and per user: amqtt's ``TopicAccessControlListPlugin`` has no ``%u`` substitution,
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from blockdeepnet.fleet import Fleet
 
 Role = Literal["gateway", "device", "monitor"]
+SPARKPLUG: Final = "spBv1.0/#"
+"""The Sparkplug B namespace (``spBv1.0/<group>/<type>/<edge node>[/<device>]``)."""
 
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 """Usernames the renderers accept. No whitespace (a Mosquitto ``user`` line ends at the line end, and a
@@ -137,8 +141,8 @@ def _gateway_rules(topics: Topics, username: str) -> UserRules:
     return UserRules(
         username=_check_username(username),
         role="gateway",
-        publish=(topics.round(), f"{p}global/#", f"{p}dev/+/receipt", topics.gateway_state()),
-        subscribe=(f"{p}#",),
+        publish=(topics.round(), f"{p}global/#", f"{p}dev/+/receipt", topics.gateway_state(), SPARKPLUG),
+        subscribe=(f"{p}#", SPARKPLUG),
     )
 
 
@@ -161,7 +165,10 @@ def _device_rules(topics: Topics, username: str) -> UserRules:
 
 def _monitor_rules(topics: Topics, username: str) -> UserRules:
     return UserRules(
-        username=_check_username(username), role="monitor", publish=(), subscribe=(f"{topics.prefix}#",)
+        username=_check_username(username),
+        role="monitor",
+        publish=(),
+        subscribe=(f"{topics.prefix}#", SPARKPLUG),
     )
 
 

@@ -228,6 +228,14 @@ class Gateway:
             from gateway.http import serve
 
             self.http_port = await serve(self, stack)
+        if cfg.sparkplug.enabled:
+            from gateway.endpoint import Endpoint
+            from gateway.sparkplug.node import EdgeNode
+
+            sp = cfg.sparkplug
+            upstream = sp.server == "upstream" or (not sp.server and cfg.bridge.enabled)
+            endpoint = Endpoint.plant(cfg.bridge) if upstream else Endpoint.local(broker, port)
+            await stack.enter_async_context(EdgeNode(self, endpoint))
         log.info(
             "gateway for fleet %s up: broker %s:%s, chain %s contract %s",
             fleet.name,

@@ -120,6 +120,11 @@ def test_device_cannot_subscribe_to_other_devices(rules: AclRules, topic_filter:
 def test_gateway_publishes_only_its_topics(rules: AclRules) -> None:
     for topic in (T.round(), T.global_block(9), T.receipt(A), T.receipt(B), T.gateway_state()):
         assert rules.may_publish("gateway", topic), topic
+    for topic in ("spBv1.0/BlockDeepNet/NBIRTH/f", "spBv1.0/BlockDeepNet/DDATA/f/dev0"):
+        assert rules.may_publish("gateway", topic), topic
+        assert not rules.may_publish("dash", topic) and not rules.may_publish(A, topic), topic
+    assert rules.may_subscribe("gateway", "spBv1.0/BlockDeepNet/NCMD/f")
+    assert rules.may_subscribe("dash", "spBv1.0/#") and not rules.may_subscribe(A, "spBv1.0/#")
     for topic in (T.update(A), T.state(A), T.share(1, A), T.report(B), OTHER.round()):
         assert not rules.may_publish("gateway", topic), topic
 
