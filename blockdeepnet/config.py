@@ -99,9 +99,11 @@ class BridgeConfig:
 
     ``up`` and ``down`` are MQTT topic filters as the *local* broker spells them; upstream, each topic carries
     ``remote_prefix`` in front (``"plant1/"``: ``bdn/v1/f/round`` up is ``plant1/bdn/v1/f/round`` there, and
-    ``plant1/<t>`` down arrives locally as ``<t>``). A message is acknowledged on the side it came from only
-    after the other side has acknowledged it, so a QoS 1 message survives either broker (or the gateway)
-    going away. ``protocol``: ``"3.1.1"`` or ``"5"``. ``password_file``: the upstream password, one line, 0600.
+    ``plant1/<t>`` down arrives locally as ``<t>``). An empty ``up`` forwards the fleet's ``gateway/state``,
+    ``round`` and ``dev/+/state``; filters that overlap between ``up`` and ``down`` would loop messages. A
+    message is acknowledged on the side it came from only after the other side has acknowledged it, so a QoS 1
+    message survives either broker (or the gateway) going away. ``protocol``: ``"3.1.1"`` or ``"5"``.
+    ``password_file``: the upstream password, one line, 0600.
     """
 
     enabled: bool = False
@@ -116,9 +118,15 @@ class BridgeConfig:
     client_id: str = ""  # empty: bdn-bridge-<fleet>
     keepalive_s: int = 30
     remote_prefix: str = ""
-    up: tuple[str, ...] = ("bdn/v1/+/gateway/state", "bdn/v1/+/round", "bdn/v1/+/dev/+/state")
+    up: tuple[str, ...] = ()
     down: tuple[str, ...] = ()
     qos: int = 1
+
+    def up_filters(self, fleet: str) -> tuple[str, ...]:
+        """``up``, or when empty what the plant sees by default: the fleet's gateway state, round announcement
+        and device states (the gateway's broker credentials may read all three)."""
+        p = f"bdn/v1/{fleet}/"
+        return self.up or (f"{p}gateway/state", f"{p}round", f"{p}dev/+/state")
 
     def password(self) -> str | None:
         if self.password_file is None:
@@ -399,8 +407,6 @@ def _check_bridge(b: BridgeConfig) -> None:
         raise ConfigError("bridge.keepalive_s must be >= 5")
     if any(c in b.remote_prefix for c in "+#\0"):
         raise ConfigError(f"bridge.remote_prefix may not hold MQTT wildcards, got {b.remote_prefix!r}")
-    if not b.up and not b.down:
-        raise ConfigError("bridge: nothing to forward (bridge.up and bridge.down are both empty)")
     for name, filters in (("up", b.up), ("down", b.down)):
         for f in filters:
             _check_topic_filter(f, f"bridge.{name}")

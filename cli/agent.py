@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.logging import RichHandler
 
-from cli.errors import fail
-
-
-def _setup_logging(level: str) -> None:
-    """Rich, coloured lines on a terminal; plain one-line records otherwise (journald adds the time stamp)."""
-    handler: logging.Handler
-    if sys.stderr.isatty():
-        handler = RichHandler(console=Console(stderr=True), show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+from blockdeepnet.logs import setup_logging
+from cli.log_options import fatal, log_format_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +30,8 @@ def agent() -> None:
     show_default=True,
     help="Least severe log messages shown (stderr).",
 )
-def run(config_path: Path, log_level: str) -> None:
+@log_format_option
+def run(config_path: Path, log_level: str, log_format: str) -> None:
     """Run the agent in the foreground until SIGTERM or Ctrl-C.
 
     Set-up problems (config, key file permissions, key share, data, state folder) are reported before it
@@ -54,11 +40,11 @@ def run(config_path: Path, log_level: str) -> None:
     from firmware_agent.errors import AgentSetupError
     from firmware_agent.service import build_agent, run_forever
 
-    _setup_logging(log_level.upper())
+    log_format = setup_logging(log_level, log_format)
     try:
         device = build_agent(config_path)
     except AgentSetupError as exc:
-        fail(str(exc))
+        fatal(str(exc), log_format)
     run_forever(device)
 
 

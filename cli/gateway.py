@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
-import sys
 from pathlib import Path
 
 import click
@@ -13,18 +11,8 @@ import click
 from blockdeepnet.config import ConfigError, load_gateway_config
 from blockdeepnet.contract import LedgerError
 from blockdeepnet.fleet import Fleet, FleetError
-from cli.errors import fail
-
-
-def setup_logging(level: str) -> None:
-    """One line per event on stderr (journald adds its own timestamps under systemd)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("amqtt", "transitions", "web3", "urllib3", "aiohttp.access", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from blockdeepnet.logs import setup_logging
+from cli.log_options import fatal, log_format_option
 
 
 @click.group()
@@ -45,20 +33,22 @@ def gateway() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+    help="Least severe log messages shown (stderr).",
 )
-def run(config_path: Path, log_level: str) -> None:
+@log_format_option
+def run(config_path: Path, log_level: str, log_format: str) -> None:
     """Run the gateway until SIGTERM/SIGINT (or rounds.max_rounds committed rounds)."""
     from gateway.broker import BrokerError
     from gateway.mqtt import MqttError
     from gateway.service import Gateway, GatewayError
     from gateway.store import StoreError
 
-    setup_logging(log_level)
+    log_format = setup_logging(log_level, log_format)
     try:
         cfg = load_gateway_config(config_path)
         fleet = Fleet.load(cfg.fleet_file)
     except (ConfigError, FleetError) as exc:
-        fail(str(exc))
+        fatal(str(exc), log_format)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -70,4 +60,4 @@ def run(config_path: Path, log_level: str) -> None:
     try:
         asyncio.run(main())
     except (GatewayError, LedgerError, StoreError, BrokerError, MqttError, OSError) as exc:
-        fail(str(exc))
+        fatal(str(exc), log_format)

@@ -168,6 +168,54 @@ def enroll(root: Path, device: str, key_share: str, ttl_h: float, gateway_url: s
     out.write(f"token: {issued.text}\n")
 
 
+@provision.command("mosquitto-bridge")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=Path("gateway.toml"),
+    show_default=True,
+    help="The gateway config whose [bridge] section to translate.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the stanza to this new file (mode 0600) instead of printing it.",
+)
+def mosquitto_bridge(config_path: Path, output: Path | None) -> None:
+    """Print the native Mosquitto bridge stanza equivalent to [bridge], for sites that prefer the broker to
+    bridge (then set bridge.enabled = false)."""
+    from blockdeepnet.config import ConfigError, load_gateway_config
+    from blockdeepnet.fleet import Fleet, FleetError
+    from provisioning.mosquitto_bridge import StanzaError, bridge_stanza
+    from provisioning.private_files import write_private
+
+    try:
+        cfg = load_gateway_config(config_path)
+        text = bridge_stanza(cfg.bridge, Fleet.load(cfg.fleet_file).name, source=str(config_path))
+    except (ConfigError, FleetError, StanzaError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot read the fleet file: {exc}")
+    if output is None:
+        if cfg.bridge.password_file is not None:
+            Console(stderr=True).print(
+                "[yellow]warning:[/] the stanza holds the plant password: keep it in a file only mosquitto "
+                "can read (mode 0600), or use --output FILE",
+                highlight=False,
+            )
+        sys.stdout.write(text)
+        return
+    try:
+        write_private(output, text)
+    except FileExistsError:
+        fail(f"{output} exists; remove it or choose another --output")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")
+    click.echo(f"Mosquitto bridge stanza written to {output} (mode 0600)")
+
+
 from cli.provision_service import install_service  # noqa: E402  (its own module; registered on the group above)
 
 provision.add_command(install_service)

@@ -51,6 +51,7 @@ from blockdeepnet.crypto.randomness import FixedBaseTable, RandomnessPool
 from blockdeepnet.crypto.threshold import KeyShare, NotEnoughSharesError
 from blockdeepnet.fleet import Fleet, FleetError
 from blockdeepnet.learning import PAPER_CNN_PARAMS
+from blockdeepnet.logs import fields
 from blockdeepnet.wire import (
     DeviceState,
     DeviceStatus,
@@ -114,10 +115,12 @@ _LONGEST_STEP_S = 3 * 3600.0  # a heavy step stuck longer than this stops the sy
 
 
 class _DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes every line with the device address, so N agents in one process or journal stay apart."""
+    """Prefixes every line with the device address, so N agents in one process or journal stay apart, and
+    carries it as the ``device`` field (with the call's own ``extra=fields(round=...)``) for JSON logs."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         return f"device {extra.get('device')}: {msg}", kwargs
 
 
@@ -364,6 +367,7 @@ class Agent:
             f"key holder {self.holder_index}" if self.is_holder else "no key share",
             self._state.applied_round,
             self._state.base_hash.hex()[:16],
+            extra=fields(fleet=self.fleet.name),
         )
         self._emit(
             "started",
@@ -510,11 +514,18 @@ class Agent:
             problem = f"announces {ro.total_samples} total samples, fleet.json has {self.fleet.total_samples}"
         if problem:
             if self._note("round_refused", ro.round):
-                self.log.error("round %d refused: the gateway %s", ro.round, problem)
+                self.log.error(
+                    "round %d refused: the gateway %s", ro.round, problem, extra=fields(round=ro.round)
+                )
                 self._emit("round_refused", {"round": ro.round, "reason": problem})
             return
         if self._round_open is None or ro.round != self._round_open.round:
-            self.log.info("round %d opened on model %s", ro.round, ro.base_model_hash.hex()[:16])
+            self.log.info(
+                "round %d opened on model %s",
+                ro.round,
+                ro.base_model_hash.hex()[:16],
+                extra=fields(round=ro.round),
+            )
             self._emit("round_open", {"round": ro.round, "base_hash": ro.base_model_hash.hex()})
         self._round_open = ro
 
@@ -546,12 +557,19 @@ class Agent:
     def _on_receipt(self, receipt: Receipt) -> None:
         state = self._state
         if state.pending_update is None or state.pending_round != receipt.round:
-            self.log.debug("round %d: receipt for no pending update ignored", receipt.round)
+            self.log.debug(
+                "round %d: receipt for no pending update ignored",
+                receipt.round,
+                extra=fields(round=receipt.round),
+            )
             return
         if receipt.accepted:
             assert receipt.tx_hash is not None
             self.log.info(
-                "round %d: update accepted, on chain in tx 0x%s", receipt.round, receipt.tx_hash.hex()
+                "round %d: update accepted, on chain in tx 0x%s",
+                receipt.round,
+                receipt.tx_hash.hex(),
+                extra=fields(round=receipt.round, tx="0x" + receipt.tx_hash.hex()),
             )
         else:
             assert receipt.reason is not None
@@ -560,6 +578,7 @@ class Agent:
                 receipt.round,
                 receipt.reason.value,
                 receipt.detail,
+                extra=fields(round=receipt.round, reason=receipt.reason.value),
             )
         self._save(state.evolve(pending_update=None))
         self._receipt_deadline = None
@@ -578,7 +597,10 @@ class Agent:
         r = block.round
         if parsed.round != r:
             self.log.warning(
-                "global block for round %d published on the topic of round %s; ignored", r, parsed.round
+                "global block for round %d published on the topic of round %s; ignored",
+                r,
+                parsed.round,
+                extra=fields(round=r),
             )
             return
         if r <= self._state.applied_round:
@@ -602,12 +624,17 @@ class Agent:
             self._refuse(r, digest, reason)
             return
         self._rounds[r] = _Round(block, digest, ciphertexts, aggregate_hash(self.tpk.public_key, ciphertexts))
-        self.log.info("round %d: global block received (%d devices)", r, len(block.devices))
+        self.log.info(
+            "round %d: global block received (%d devices)", r, len(block.devices), extra=fields(round=r)
+        )
         self._emit("global_received", {"round": r, "devices": list(block.devices)})
         while len(self._rounds) > _MAX_OPEN_ROUNDS:
             oldest = min(self._rounds)
             self.log.warning(
-                "round %d: dropped, more than %d global blocks waiting", oldest, _MAX_OPEN_ROUNDS
+                "round %d: dropped, more than %d global blocks waiting",
+                oldest,
+                _MAX_OPEN_ROUNDS,
+                extra=fields(round=oldest),
             )
             del self._rounds[oldest]
 
@@ -636,7 +663,7 @@ class Agent:
     def _refuse(self, r: int, digest: bytes, reason: str) -> None:
         self._refused[r] = digest
         self._rounds.pop(r, None)
-        self.log.warning("round %d: global block refused: %s", r, reason)
+        self.log.warning("round %d: global block refused: %s", r, reason, extra=fields(round=r))
         self._emit("global_refused", {"round": r, "reason": reason})
 
     def _on_share(self, share: Share, parsed: ParsedTopic) -> None:
@@ -646,7 +673,10 @@ class Agent:
             return
         if r not in self._rounds and r not in self._shares and len(self._shares) >= _MAX_SHARE_ROUNDS:
             self.log.debug(
-                "round %d: share from %s ignored (too many rounds without a global block)", r, sender
+                "round %d: share from %s ignored (too many rounds without a global block)",
+                r,
+                sender,
+                extra=fields(round=r),
             )
             return
         self._shares.setdefault(r, {})[sender] = share
@@ -691,12 +721,14 @@ class Agent:
             checked = self.chain.check_global(rnd.block, rnd.aggregate_hash)
         except ChainUnavailable as exc:
             rnd.next_check = time.monotonic() + _CHAIN_RETRY_UNAVAILABLE_S
-            self.log.warning("round %d: cannot check the global block on chain yet: %s", r, exc)
+            self.log.warning(
+                "round %d: cannot check the global block on chain yet: %s", r, exc, extra=fields(round=r)
+            )
             return
         except ChainCheckError as exc:
             if exc.retryable and rnd.checks < _MAX_CHAIN_CHECKS:
                 rnd.next_check = time.monotonic() + _CHAIN_RETRY_S
-                self.log.info("round %d: %s; checking again shortly", r, exc.reason)
+                self.log.info("round %d: %s; checking again shortly", r, exc.reason, extra=fields(round=r))
                 return
             self._refuse(r, rnd.digest, f"chain check failed: {exc.reason}")
             return
@@ -704,7 +736,7 @@ class Agent:
         rnd.book = ShareBook(
             self.tpk, rnd.ciphertexts, self.fleet.decrypt_context(r, rnd.aggregate_hash), self._holders
         )
-        self.log.info("round %d: global block matches the chain commit", r)
+        self.log.info("round %d: global block matches the chain commit", r, extra=fields(round=r))
         self._emit("global_checked", {"round": r, "base_hash": checked.base_model_hash.hex()})
         if self._share is not None:
             primary = is_primary(r, self._share.index, self.tpk.threshold, self.tpk.holders)
@@ -720,12 +752,20 @@ class Agent:
         offer = rnd.book.offer(sender, share)
         if offer.accepted:
             if not offer.reason:
-                self.log.info("round %d: valid share from holder %d (%s)", r, offer.holder, sender)
+                self.log.info(
+                    "round %d: valid share from holder %d (%s)",
+                    r,
+                    offer.holder,
+                    sender,
+                    extra=fields(round=r, holder=offer.holder),
+                )
                 self._emit(
                     "share_accepted", {"round": r, "holder": offer.holder, "valid": len(rnd.book.valid)}
                 )
         else:
-            self.log.warning("round %d: share from %s rejected: %s", r, sender, offer.reason)
+            self.log.warning(
+                "round %d: share from %s rejected: %s", r, sender, offer.reason, extra=fields(round=r)
+            )
             self._emit(
                 "share_rejected",
                 {"round": r, "holder": offer.holder, "sender": sender, "reason": offer.reason},
@@ -743,16 +783,23 @@ class Agent:
                 r,
                 len(rnd.book.valid),
                 rnd.duty_role,
+                extra=fields(round=r),
             )
             return
-        self.log.info("round %d: decrypting my share as %s holder %d", r, rnd.duty_role, self._share.index)
+        self.log.info(
+            "round %d: decrypting my share as %s holder %d",
+            r,
+            rnd.duty_role,
+            self._share.index,
+            extra=fields(round=r, holder=self._share.index),
+        )
         start = time.perf_counter()
         partial = self._share.partial_decrypt(rnd.ciphertexts, rnd.book.context)
         rnd.book.add_own(partial)
         message = share_message(r, partial, self.tpk.public_key)
         self._publish(self.topics.share(r, self.address), message.to_cbor(), retain=True)
         seconds = time.perf_counter() - start
-        self.log.info("round %d: share published (%.1f s)", r, seconds)
+        self.log.info("round %d: share published (%.1f s)", r, seconds, extra=fields(round=r))
         self._emit(
             "share_published",
             {"round": r, "holder": self._share.index, "role": rnd.duty_role, "seconds": seconds},
@@ -766,7 +813,7 @@ class Agent:
             mean_delta = decode_global(self.layout, result.plaintexts, rnd.block)
         except (SlotOverflowError, CodecRangeError, NotEnoughSharesError) as exc:
             rnd.failed = str(exc)
-            self.log.error("round %d: aggregate NOT applied: %s", r, exc)
+            self.log.error("round %d: aggregate NOT applied: %s", r, exc, extra=fields(round=r))
             self._publish_state("error", r)
             self._emit(
                 "overflow" if isinstance(exc, SlotOverflowError) else "error",
@@ -798,12 +845,13 @@ class Agent:
             result.used,
             loss,
             "" if accuracy is None else f", test accuracy {accuracy:.2%}",
+            extra=fields(round=r),
         )
         if math.isfinite(loss):
             report = Report(round=r, samples=self.samples, loss=min(loss, 1e6), accuracy=accuracy)
             self._publish(self.topics.report(self.address), report.to_cbor())
         else:
-            self.log.warning("round %d: loss is not finite; no report", r)
+            self.log.warning("round %d: loss is not finite; no report", r, extra=fields(round=r))
         self._publish_state("online", r)
         self._emit(
             "applied", {"round": r, "base_hash": rnd.aggregate_hash.hex(), "loss": loss, "accuracy": accuracy}
@@ -826,6 +874,7 @@ class Agent:
                     ro.base_model_hash.hex()[:16],
                     state.base_hash.hex()[:16],
                     state.applied_round,
+                    extra=fields(round=r),
                 )
                 self._emit("waiting_for_base", {"round": r, "base_hash": ro.base_model_hash.hex()})
             return False
@@ -845,7 +894,9 @@ class Agent:
             return True
         if not self._join_requested:
             if self._note("button", r):
-                self.log.info("round %d: waiting for the status button before taking part", r)
+                self.log.info(
+                    "round %d: waiting for the status button before taking part", r, extra=fields(round=r)
+                )
                 self._emit("waiting_for_button", {"round": r})
             return False
         self._join_requested = False
@@ -855,7 +906,7 @@ class Agent:
         r = ro.round
         self._publish_state("training", r)
         self._emit("training", {"round": r})
-        self.log.info("round %d: training on %d samples", r, self.samples)
+        self.log.info("round %d: training on %d samples", r, self.samples, extra=fields(round=r))
         try:
             outcome = self.trainer.train(self._state.weights, r, self.layout.clip)
             update = seal_update(
@@ -872,7 +923,7 @@ class Agent:
             )
         except (FloatingPointError, CodecRangeError, ValueError) as exc:
             self._train_failed_round = r
-            self.log.error("round %d: no update this round: %s", r, exc)
+            self.log.error("round %d: no update this round: %s", r, exc, extra=fields(round=r))
             self._publish_state("error", r)
             self._emit("error", {"round": r, "message": str(exc)})
             return
@@ -905,6 +956,7 @@ class Agent:
             self._attempts,
             self.config.max_publish_attempts,
             len(data),
+            extra=fields(round=update.round),
         )
         self._emit(
             "update_published",
@@ -921,7 +973,11 @@ class Agent:
         data = self._state.pending_update
         if data is not None:
             update = Update.from_cbor(data)
-            self.log.info("round %d: resuming delivery of the update saved before the restart", update.round)
+            self.log.info(
+                "round %d: resuming delivery of the update saved before the restart",
+                update.round,
+                extra=fields(round=update.round),
+            )
             self._attempts = 0
             self._send_update(update, data)
 
@@ -938,12 +994,16 @@ class Agent:
                 "round %d: no receipt after %.0f s; publishing again",
                 update.round,
                 self.config.receipt_timeout_s,
+                extra=fields(round=update.round),
             )
             self._send_update(update, data)
             return
         self._receipt_deadline = None
         self.log.error(
-            "round %d: no receipt after %d attempts; giving up on this round", update.round, self._attempts
+            "round %d: no receipt after %d attempts; giving up on this round",
+            update.round,
+            self._attempts,
+            extra=fields(round=update.round),
         )
         self._save(self._state.evolve(pending_update=None))
         self._emit("publish_gave_up", {"round": update.round, "attempts": self._attempts})

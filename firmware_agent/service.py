@@ -15,6 +15,7 @@ from typing import Any
 
 from blockdeepnet.config import ConfigError, load_agent_config
 from blockdeepnet.contract import LedgerError
+from blockdeepnet.logs import fields
 from firmware_agent.agent import Agent, EventHook
 from firmware_agent.errors import AgentSetupError
 from firmware_agent.status_led import StatusIndicator, create_indicator
@@ -77,6 +78,7 @@ def _button_pressed(agent: Agent, indicator: StatusIndicator) -> None:
         agent.applied_round,
         agent.base_hash.hex()[:16],
         indicator.state.value,
+        extra=fields(device=agent.address),
     )
 
 

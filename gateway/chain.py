@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
+from web3.providers.eth_tester.middleware import filter_request_transformer, log_result_remapper
 
 from blockdeepnet.fleet import Fleet
 from blockdeepnet.ledger import Ledger, LedgerError, embedded_web3, rpc_web3
+from blockdeepnet.logs import fields
 
 log = logging.getLogger("bdn.gateway.chain")
 T = TypeVar("T")
@@ -110,8 +112,9 @@ class ChainLink:
             if registered or revoked:
                 continue
             receipt = self.call_sync(lambda lg, a=address, k=key_share: lg.register_device(a, k))
-            done.append((address, "0x" + bytes(receipt["transactionHash"]).hex()))
-            log.info("registered device %s on chain", address)
+            tx = "0x" + bytes(receipt["transactionHash"]).hex()
+            done.append((address, tx))
+            log.info("registered device %s on chain", address, extra=fields(device=address, tx=tx))
         return done
 
     def read_only_request(self, method: str, params: list[Any]) -> dict[str, Any]:
@@ -124,9 +127,15 @@ class ChainLink:
             call = {k: v for k, v in params[0].items() if k not in _FEE_FIELDS}
             call.setdefault("from", self.ledger.account.address)
             params = [{**call, "gas_price": 0}, *params[1:]]  # eth-tester spells it snake_case here
+        if method == "eth_getLogs" and params and isinstance(params[0], dict):
+            # A raw provider request skips web3's eth-tester middleware, which maps a filter to eth-tester's
+            # snake_case (``fromBlock`` -> ``from_block``) and the logs back to JSON-RPC's camelCase.
+            params = [filter_request_transformer(params[0]), *params[1:]]
         try:
             with self._lock:
                 response: dict[str, Any] = dict(self.ledger.w3.provider.make_request(method, params))  # type: ignore[arg-type]
+                if method == "eth_getLogs" and isinstance(response.get("result"), (list, tuple)):
+                    response["result"] = [log_result_remapper(log) for log in response["result"]]
         except (
             Exception
         ) as exc:  # a malformed request must cost the caller an error, not the gateway a traceback

@@ -32,12 +32,14 @@ class Endpoint:
 
     @classmethod
     def local(cls, cfg: BrokerConfig, port: int) -> Endpoint:
-        """The gateway's own broker, with the gateway's credentials (the ACL grants it what it forwards)."""
+        """The gateway's own broker, with the gateway's credentials (the ACL grants it what it forwards).
+        MQTT 5 with an external broker (Mosquitto), so the bridge can keep a live message's retain flag
+        (Retain As Published); the embedded amqtt broker speaks 3.1.1 only."""
         return cls(
             "local broker",
             cfg.host,
             port,
-            "3.1.1",
+            "5" if cfg.mode == "external" else "3.1.1",
             cfg.username or "gateway",
             cfg.password(),
             cfg.tls_ca,
@@ -88,12 +90,15 @@ class Endpoint:
         c.reconnect_delay_set(0.5, 30)
         return c
 
-    def connect_async(self, c: paho.Client, *, persistent: bool) -> None:
+    def connect_async(self, c: paho.Client, *, persistent: bool, receive_maximum: int | None = None) -> None:
         """Start connecting without waiting: paho's loop retries until the broker is there, so a plant broker
-        that is down when the gateway starts is not an error, only a log line."""
+        that is down when the gateway starts is not an error, only a log line. ``receive_maximum`` (MQTT 5):
+        how many unacknowledged QoS 1 messages the broker may have in flight to us; the rest it queues."""
         if self.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S if persistent else 0
+            if receive_maximum is not None:
+                props.ReceiveMaximum = receive_maximum
             c.connect_async(
                 self.host, self.port, self.keepalive_s, clean_start=not persistent, properties=props
             )

@@ -27,6 +27,7 @@ from blockdeepnet.acl import AclRules, mosquitto_acl
 from blockdeepnet.crypto.threshold import KeyShare
 from blockdeepnet.enrollment import EnrollmentError, EnrollmentToken, EnrollRequest, seal_bundle
 from blockdeepnet.fleet import DeviceEntry, Fleet
+from blockdeepnet.logs import fields
 from blockdeepnet.mosquitto_users import set_user
 from blockdeepnet.private_files import write_private_atomic
 from gateway.store import EnrollmentUsed
@@ -103,7 +104,9 @@ class Enroller:
         except EnrollmentUsed as exc:
             raise EnrollmentError("used", str(exc)) from None
         if state == "done" and sealed is not None:
-            log.info("enrollment of %s (%s) answered again", token.device, address)
+            log.info(
+                "enrollment of %s (%s) answered again", token.device, address, extra=fields(device=address)
+            )
             return dict(json.loads(sealed))
 
         share = self._share(token.key_share) if token.key_share else None
@@ -151,6 +154,7 @@ class Enroller:
             address,
             request.samples,
             token.key_share or "none",
+            extra=fields(device=address, holder=token.key_share or None),
         )
         return answer
 

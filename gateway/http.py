@@ -1,5 +1,6 @@
 """The gateway's HTTP endpoint: ``/metrics`` (Prometheus), ``/healthz``, ``/fleet`` (the public fleet.json),
-``/enroll`` (devices redeem their tokens, :mod:`gateway.enroll`), and ``/rpc`` for the embedded chain.
+``/enroll`` (devices redeem their tokens, :mod:`gateway.enroll`), ``/dashboard`` (the operator dashboard,
+:mod:`gateway.dashboard`), and ``/rpc`` for the embedded chain.
 
 ``/rpc`` exists because an embedded chain lives inside the gateway's process: devices still have to check
 each global block against the contract themselves (DESIGN §1.6), so the gateway serves a *read-only*
@@ -76,6 +77,10 @@ async def serve(gw: Gateway, stack: AsyncExitStack) -> int:
 
         app.router.add_post("/enroll", enroll)
     app.router.add_get("/healthz", healthz)
+    if gw.cfg.http.dashboard:
+        from gateway.dashboard import add_routes
+
+        add_routes(app, gw)
     if gw.chain.embedded:
         app.router.add_post("/rpc", rpc)
     runner = web.AppRunner(app, access_log=None)

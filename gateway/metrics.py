@@ -53,6 +53,21 @@ class Metrics:
             registry=r,
         )
         self.best_round = Gauge("bdn_best_round", "Round with the lowest reported global loss", registry=r)
+        self.bridge_connected = Gauge(
+            "bdn_bridge_connected",
+            "Whether the bridge is connected, by side (local, plant)",
+            ["side"],
+            registry=r,
+        )
+        self.bridge_forwarded = Counter(
+            "bdn_bridge_forwarded",
+            "Messages the bridge delivered and had acknowledged, by direction (up, down)",
+            ["direction"],
+            registry=r,
+        )
+        self.bridge_dropped = Counter(
+            "bdn_bridge_dropped", "Messages the bridge refused to forward, by reason", ["reason"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

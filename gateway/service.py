@@ -31,6 +31,7 @@ from blockdeepnet.config import GatewayConfig
 from blockdeepnet.fleet import Fleet
 from blockdeepnet.learning.model import PAPER_CNN_PARAMS
 from blockdeepnet.ledger import Ledger, LedgerError, SignedUpdate
+from blockdeepnet.logs import fields
 from blockdeepnet.wire import (
     DeviceState,
     GatewayState,
@@ -223,6 +224,12 @@ class Gateway:
         await self.client.start()
         stack.push_async_callback(self.client.stop, (self.topics.gateway_state(), offline))
         self.client.publish(self.topics.gateway_state(), GatewayState("online").to_cbor(), retain=True)
+        if cfg.bridge.enabled:
+            from gateway.bridge import Bridge
+            from gateway.endpoint import Endpoint
+
+            bridge = Bridge(cfg.bridge, Endpoint.local(broker, port), fleet.name, self.metrics)
+            await stack.enter_async_context(bridge)
         self.relay = Relay(self.chain, self._load_pending, self._on_outcomes)
         if cfg.http.enabled:
             from gateway.http import serve
@@ -243,6 +250,7 @@ class Gateway:
             port,
             fleet.chain.kind,
             fleet.chain.contract,
+            extra=fields(fleet=fleet.name),
         )
 
     # ---------------------------------------------------------------------------------------------- rounds
@@ -276,7 +284,7 @@ class Gateway:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), 0.5)
                 continue
-            log.info("round %d: %s (%s)", live.round, decision.value, why)
+            log.info("round %d: %s (%s)", live.round, decision.value, why, extra=fields(round=live.round))
             if decision is Decision.EXTEND:
                 live.deadline_at = time.time() + rounds_cfg.deadline_s
                 live.extensions += 1
@@ -396,7 +404,13 @@ class Gateway:
         self.client.publish(
             self.topics.gateway_state(), GatewayState("online", round_no).to_cbor(), retain=True
         )
-        log.info("round %d open (base %s)%s", round_no, base.hex()[:16], " [resumed]" if resume else "")
+        log.info(
+            "round %d open (base %s)%s",
+            round_no,
+            base.hex()[:16],
+            " [resumed]" if resume else "",
+            extra=fields(round=round_no),
+        )
         self._emit("round_open", {"round": round_no, "base": base.hex(), "resumed": resume})
 
     async def _rebuild(self, live: LiveRound) -> None:
@@ -413,6 +427,7 @@ class Gateway:
             live.round,
             len(live.folded),
             len(live.submitted) - len(live.folded),
+            extra=fields(round=live.round),
         )
 
     async def _close(self, live: LiveRound) -> bytes:
@@ -491,7 +506,7 @@ class Gateway:
         )
         self.client.publish(self.topics.global_block(r), block.to_cbor(), retain=True)
         await asyncio.to_thread(self.store.mark_published, r)
-        log.info("round %d: global block published (%d updates)", r, len(devices))
+        log.info("round %d: global block published (%d updates)", r, len(devices), extra=fields(round=r))
 
     async def _chain_retry(self, fn: Callable[[Ledger], Any]) -> Any:
         """A round step on chain: retried while the node is unreachable (a chain outage pauses the round,
@@ -571,7 +586,13 @@ class Gateway:
 
     def _reject(self, device: str | None, rej: Rejected) -> None:
         self.metrics.rejected.labels(rej.reason.value).inc()
-        log.warning("rejected update from %s: %s: %s", device or "?", rej.reason.value, rej.detail)
+        log.warning(
+            "rejected update from %s: %s: %s",
+            device or "?",
+            rej.reason.value,
+            rej.detail,
+            extra=fields(round=rej.round, device=device, reason=rej.reason.value),
+        )
         if device is not None:
             self._receipt(device, Receipt.reject(rej.round, rej.reason, rej.detail))
         self._emit("update_rejected", {"device": device, "reason": rej.reason.value, "detail": rej.detail})
@@ -735,7 +756,9 @@ class Gateway:
 
     async def _handle_other(self, msg: Incoming, kind: str, device: str) -> None:
         if self.fleet.device(device) is None:
-            log.warning("%s message from unknown device %s ignored", kind, device)
+            log.warning(
+                "%s message from unknown device %s ignored", kind, device, extra=fields(device=device)
+            )
             return
         try:
             if kind == "state":
@@ -752,7 +775,10 @@ class Gateway:
                     # Only a committed round has a global model to report on; anything else is noise that
                     # must be dropped here, not fail (and so never acknowledge) the whole batch.
                     log.warning(
-                        "report from %s for round %d, which is not committed, ignored", device, report.round
+                        "report from %s for round %d, which is not committed, ignored",
+                        device,
+                        report.round,
+                        extra=fields(round=report.round, device=device),
                     )
                     return
                 await asyncio.to_thread(
@@ -775,7 +801,7 @@ class Gateway:
                     },
                 )
         except WireError as exc:
-            log.warning("%s message from %s refused: %s", kind, device, exc)
+            log.warning("%s message from %s refused: %s", kind, device, exc, extra=fields(device=device))
 
     async def _update_best(self, round_no: int) -> None:
         reports = await asyncio.to_thread(self.store.reports, round_no)

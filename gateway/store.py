@@ -1506,3 +1506,55 @@ class Store:
                 delete(_Rejection).where(_Rejection.id <= cutoff).execution_options(synchronize_session=False)
             )
             return int(cast(CursorResult[Any], result).rowcount)
+
+    # ------------------------------------------------------------------------------------ dashboard reads
+
+    def recent_rounds(self, limit: int = 50) -> list[RoundRow]:
+        """The latest ``limit`` rounds, newest first, without aggregates: the dashboard's timeline."""
+        stmt = select(_Round).order_by(_Round.round.desc()).limit(_int("limit", limit))
+        with self._session("listing recent rounds", write=False) as s:
+            return [_row(RoundRow, r) for r in s.scalars(stmt)]
+
+    def round_stats(self, rounds: Collection[int]) -> dict[int, dict[str, Any]]:
+        """Per round of ``rounds``: stored updates per status, their wire bytes and gas, and the number and mean
+        accuracy of the devices' reports. Two grouped queries, whatever the number of rounds, so a dashboard
+        refresh stays cheap; every asked round is present (zeros and None when it has nothing)."""
+        keys = sorted({k for k in (_key(r) for r in rounds) if k is not None})
+        stats: dict[int, dict[str, Any]] = {
+            r: {
+                **dict.fromkeys(UPDATE_STATUSES, 0),
+                "wire_bytes": 0,
+                "update_gas": 0,
+                "reports": 0,
+                "accuracy": None,
+            }
+            for r in keys
+        }
+        if not keys:
+            return stats
+        updates = (
+            select(
+                _Update.round,
+                _Update.status,
+                func.count(),
+                func.coalesce(func.sum(_Update.wire_bytes), 0),
+                func.coalesce(func.sum(_Update.gas_used), 0),
+            )
+            .where(_Update.round.in_(keys))
+            .group_by(_Update.round, _Update.status)
+        )
+        reports = (
+            select(_Report.round, func.count(), func.avg(_Report.accuracy))
+            .where(_Report.round.in_(keys))
+            .group_by(_Report.round)
+        )
+        with self._session(f"summing the updates of {len(keys)} round(s)", write=False) as s:
+            for round, status, n, wire, gas in s.execute(updates):
+                row = stats[round]
+                row[status] = int(n)
+                row["wire_bytes"] += int(wire or 0)
+                row["update_gas"] += int(gas or 0)
+            for round, n, accuracy in s.execute(reports):
+                stats[round]["reports"] = int(n)
+                stats[round]["accuracy"] = None if accuracy is None else float(accuracy)
+        return stats

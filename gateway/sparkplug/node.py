@@ -3,10 +3,15 @@
 Session rules kept here (Sparkplug 3.0): each new MQTT session gets the next ``bdSeq`` (0-255, kept in the
 state folder so a restarted gateway goes on counting), written *before* connecting and carried both by the
 will (NDEATH) and by the NBIRTH, so a host can tell which birth a death ends. ``seq`` is 0 on NBIRTH and
-counts every later message of the node and its devices modulo 256. On connect: subscribe to NCMD, then
-NBIRTH and a DBIRTH per online device; on ``Node Control/Rebirth``: the same births again (same bdSeq).
+counts every later message of the node and its devices modulo 256. On connect: subscribe to NCMD and to the
+devices' DCMD, then NBIRTH and a DBIRTH per online device; on ``Node Control/Rebirth``: the same births again
+(same bdSeq). Devices take no commands: a DCMD is read (so a broken one is reported) and ignored.
 Changes are published as NDATA/DDATA at most every ``min_interval_s``; a device whose state topic says
 offline gets a DDEATH, and a DBIRTH when it is back.
+
+QoS as the specification demands: births, data and device deaths at QoS 0 (never retained), the NDEATH at
+QoS 1. QoS 0 also keeps sessions apart: paho resends unacknowledged QoS 1 messages after reconnecting, which
+would put the last session's data, with its seq, in front of the new NBIRTH; a QoS 0 message is never resent.
 
 Threads: paho calls back on its own thread; everything that reads or changes the metrics runs on the
 gateway's asyncio loop (the event hook, the flush task, births scheduled from the paho thread).
@@ -112,10 +117,12 @@ class EdgeNode:
         self.node.set("Round/Phase", "waiting")
         self.node.set("Updates/Accepted", 0)
         self.node.set("Updates/Rejected", 0)
+        self.node.set("Devices/Online", 0)
         self.devices: dict[str, _Device] = {}
         self._addresses: dict[str, str] = {}  # device address -> Sparkplug device id
         self._states: dict[str, str] = {}
-        self._accuracy: dict[int, dict[str, float]] = {}
+        self._accuracy_round = 0  # Model/Accuracy: the mean of the reports on this round's global model
+        self._accuracies: dict[str, float] = {}
         self._seq = 0
         self._born = False
         self._stopping = False
@@ -125,11 +132,11 @@ class EdgeNode:
         self._task: asyncio.Task[None] | None = None
         self.bd_seq = BdSeq(gw.cfg.state_dir / "sparkplug-bdseq")
         self._client = endpoint.client(f"bdn-spb-{gw.fleet.name}-{self.node_id}", persistent=False)
-        self._client.max_queued_messages_set(1000)
         self._client.will_set(self.topic("NDEATH"), spb.death(self.bd_seq.value), qos=1)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.message_callback_add(self.topic("NCMD"), self._on_ncmd)
+        self._client.message_callback_add(self.topic("DCMD", "+"), self._on_dcmd)
         self._sync_fleet()
 
     def topic(self, kind: str, device: str | None = None) -> str:
@@ -171,7 +178,7 @@ class EdgeNode:
         if problem:
             log.error("%s refused the Sparkplug edge node: %s; retrying", self.endpoint, problem)
             return
-        client.subscribe(self.topic("NCMD"), qos=1)
+        client.subscribe([(self.topic("NCMD"), 1), (self.topic("DCMD", "+"), 1)])
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._birth)
 
@@ -180,6 +187,7 @@ class EdgeNode:
         # in the will before paho reconnects, which it does on this thread after this callback.
         if self._stopping:
             return
+        self._born = False  # at once, not only when the loop gets to _lost: nothing more for this session
         with self._lock:
             bd = self.bd_seq.advance()
             self._client.will_set(self.topic("NDEATH"), spb.death(bd), qos=1)
@@ -200,6 +208,14 @@ class EdgeNode:
         else:
             log.info("NCMD with %s ignored: only %s is supported", sorted(command), REBIRTH)
 
+    def _on_dcmd(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        try:
+            command = spb.parse_command(bytes(msg.payload))
+        except spb.CommandError as exc:
+            log.warning("DCMD on %s ignored: %s", msg.topic, exc)
+            return
+        log.info("DCMD on %s with %s ignored: devices take no commands", msg.topic, sorted(command))
+
     # --- loop -----------------------------------------------------------------------------------------
 
     def _next_seq(self) -> int:
@@ -207,7 +223,7 @@ class EdgeNode:
         return self._seq
 
     def _publish(self, kind: str, data: bytes, device: str | None = None) -> None:
-        self._client.publish(self.topic(kind, device), data, qos=1)
+        self._client.publish(self.topic(kind, device), data, qos=0)
 
     def _lost(self) -> None:
         self._born = False
@@ -291,9 +307,12 @@ class EdgeNode:
             d.metrics.set("Last Accuracy", data["accuracy"])
             d.metrics.set("Last Seen", spb.now_ms())
         if data["accuracy"] is not None:
-            self._accuracy.setdefault(data["round"], {})[data["device"]] = data["accuracy"]
-            accs = self._accuracy[max(self._accuracy)]
-            self.node.set("Model/Accuracy", sum(accs.values()) / len(accs))
+            if data["round"] < self._accuracy_round:
+                return  # a late report on an older model: the node shows the latest one
+            if data["round"] > self._accuracy_round:
+                self._accuracy_round, self._accuracies = data["round"], {}
+            self._accuracies[data["device"]] = data["accuracy"]
+            self.node.set("Model/Accuracy", sum(self._accuracies.values()) / len(self._accuracies))
 
     async def _flush_loop(self) -> None:
         while True:

@@ -42,7 +42,7 @@ class MetricSet:
     """The metrics of one edge node or one device. Values change with :meth:`set`; :meth:`birth` and
     :meth:`data` encode them. Aliases are fixed for the set's lifetime, so a host can map DATA to BIRTH."""
 
-    def __init__(self, definitions: list[tuple[str, int]], first_alias: int = 1) -> None:
+    def __init__(self, definitions: Sequence[tuple[str, int]], first_alias: int = 1) -> None:
         self._metrics = {
             name: _Metric(first_alias + i, datatype) for i, (name, datatype) in enumerate(definitions)
         }
@@ -70,7 +70,7 @@ class MetricSet:
         for name, m in self._metrics.items():
             _fill(payload.metrics.add(), m.datatype, m.value, ts, name=name, alias=m.alias)
             m.dirty = False
-        return payload.SerializeToString()
+        return bytes(payload.SerializeToString())
 
     def data(self, seq: int) -> bytes | None:
         """The changed metrics by alias, or None when nothing changed."""
@@ -82,7 +82,7 @@ class MetricSet:
         for m in changed:
             _fill(payload.metrics.add(), m.datatype, m.value, ts, alias=m.alias)
             m.dirty = False
-        return payload.SerializeToString()
+        return bytes(payload.SerializeToString())
 
 
 def death(bd_seq: int) -> bytes:
@@ -90,11 +90,11 @@ def death(bd_seq: int) -> bytes:
     ts = now_ms()
     payload = pb.Payload(timestamp=ts)
     _fill(payload.metrics.add(), INT64, bd_seq, ts, name="bdSeq")
-    return payload.SerializeToString()
+    return bytes(payload.SerializeToString())
 
 
 def device_death(seq: int) -> bytes:
-    return pb.Payload(timestamp=now_ms(), seq=seq).SerializeToString()
+    return bytes(pb.Payload(timestamp=now_ms(), seq=seq).SerializeToString())
 
 
 class CommandError(ValueError):

@@ -29,6 +29,7 @@ class SpbMessage:
     timestamp: int | None
     metrics: dict[str, Any] = field(default_factory=dict)
     received_at: float = field(default_factory=time.monotonic)
+    qos: int = 0  # as delivered: the publisher's QoS, at most the recorder's subscription QoS (1)
 
     def has(self, name: str) -> bool:
         return name in self.metrics
@@ -46,20 +47,47 @@ def metric_value(m: Any) -> Any:
 
 
 class SparkplugRecorder:
-    def __init__(self, host: str, port: int, topic_filter: str = "spBv1.0/#") -> None:
+    """``persistent``: a persistent session (fixed client id, clean session false), so what the edge node
+    publishes while the recorder is cut off (a broker restart) is queued by the broker, not lost.
+    ``username``/``password``: for a broker with a password file and ACL (the fleet's ``monitor`` user)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topic_filter: str = "spBv1.0/#",
+        *,
+        persistent: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.messages: list[SpbMessage] = []
         self.undecodable: list[str] = []
         self._aliases: dict[tuple[str, str | None], dict[int, str]] = {}
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"spb-host-{port}-{id(self)}")
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"spb-host-{port}-{id(self)}",
+            clean_session=not persistent,
+        )
+        self._client.reconnect_delay_set(1, 2)
+        if username is not None:
+            self._client.username_pw_set(username, password)
         self._client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.on_subscribe = self._on_subscribe
+        self._refused: list[str] = []
         self._client.on_message = self._on_message
         self._client.connect(host, port)
         self._client.loop_start()
-        if not self._subscribed.wait(15):
-            raise RuntimeError(f"the Sparkplug recorder could not subscribe on {host}:{port}")
+        if not self._subscribed.wait(15) or self._refused:
+            raise RuntimeError(
+                f"the Sparkplug recorder could not subscribe on {host}:{port}: {self._refused}"
+            )
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        self._refused = [str(r) for r in reasons if r.is_failure]
+        self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
@@ -94,6 +122,7 @@ class SparkplugRecorder:
                     seq=payload.seq if payload.HasField("seq") else None,
                     timestamp=payload.timestamp if payload.HasField("timestamp") else None,
                     metrics=metrics,
+                    qos=msg.qos,
                 )
             )
 
@@ -146,6 +175,26 @@ class SparkplugRecorder:
                 assert expected is not None, f"message {i} ({m.kind}) before any NBIRTH"
                 assert m.seq == expected, f"message {i} ({m.kind}): seq {m.seq}, expected {expected}"
             expected = (m.seq + 1) % 256
+
+    @staticmethod
+    def assert_births_first(messages: list[SpbMessage]) -> None:
+        """Sparkplug B: NDATA and DBIRTH only while the node is born (after NBIRTH, before NDEATH); DDATA and
+        DDEATH only for a device born since the last NBIRTH and not dead since."""
+        node_born = False
+        born: set[str | None] = set()
+        for i, m in enumerate(messages):
+            if m.kind == "NBIRTH":
+                node_born, born = True, set()
+            elif m.kind == "NDEATH":
+                node_born, born = False, set()
+            elif m.kind in ("NDATA", "DBIRTH"):
+                assert node_born, f"message {i} ({m.kind} {m.device or ''}) while the node is not born"
+                if m.kind == "DBIRTH":
+                    born.add(m.device)
+            elif m.kind in ("DDATA", "DDEATH"):
+                assert m.device in born, f"message {i} ({m.kind} {m.device}) for a device not born"
+                if m.kind == "DDEATH":
+                    born.discard(m.device)
 
     def close(self) -> None:
         self._client.disconnect()
