@@ -20,6 +20,16 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and key."""
 
 
+def _read_password(path: Path | None, what: str) -> str | None:
+    """A password kept in a file of its own (one line, mode 0600), never in a config file."""
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} password file {path}: {exc.strerror}") from exc
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """How to reach (or, for the gateway, run) the MQTT broker.
@@ -47,14 +57,7 @@ class BrokerConfig:
     monitors: str = ""  # comma-separated usernames
 
     def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        try:
-            return self.password_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read broker password file {self.password_file}: {exc.strerror}"
-            ) from exc
+        return _read_password(self.password_file, "broker")
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,7 @@ class BridgeConfig:
         return self.up or (f"{p}gateway/state", f"{p}round", f"{p}dev/+/state")
 
     def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        try:
-            return self.password_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read bridge password file {self.password_file}: {exc.strerror}"
-            ) from exc
+        return _read_password(self.password_file, "bridge")
 
 
 @dataclass(frozen=True)

@@ -162,13 +162,19 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = _message(record)
         line = f"<{journal_priority(record.levelno)}>{record.name}: {message}{_suffix(record, message)}"
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            line += " | " + record.exc_text
-        if record.stack_info:
-            line += " | " + self.formatStack(record.stack_info)
-        return line.translate(_ONE_LINE)
+        return _with_trace(self, record, line, " | ").translate(_ONE_LINE)
+
+
+def _with_trace(fmt: logging.Formatter, record: logging.LogRecord, line: str, sep: str) -> str:
+    """``line`` followed by the record's traceback and stack, each after ``sep`` (as logging.Formatter does,
+    the formatted traceback is cached on the record)."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = fmt.formatException(record.exc_info)
+    if record.exc_text:
+        line += sep + record.exc_text
+    if record.stack_info:
+        line += sep + fmt.formatStack(record.stack_info)
+    return line
 
 
 class TextFormatter(logging.Formatter):
@@ -179,13 +185,7 @@ class TextFormatter(logging.Formatter):
         message = _message(record)
         line = f"{self.formatTime(record)} {record.levelname} {record.name}: "
         line += message.translate(_ONE_LINE) + _suffix(record, message)
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            line += "\n" + record.exc_text
-        if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
-        return line.translate(_MULTI_LINE)
+        return _with_trace(self, record, line, "\n").translate(_MULTI_LINE)
 
 
 def is_journal_stream(stream: TextIO) -> bool:
