@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 
 from blockdeepnet.config import BrokerConfig
+from gateway.waiting import wait_event
 
 log = logging.getLogger("bdn.gateway.mqtt")
 
@@ -120,9 +121,7 @@ class GatewayClient:
                 f"cannot reach the MQTT broker at {self.cfg.host}:{self.port}: {exc.strerror or exc}"
             ) from exc
         self._client.loop_start()
-        try:
-            await asyncio.wait_for(self.connected.wait(), timeout_s)
-        except TimeoutError:
+        if not await wait_event(self.connected, timeout_s):
             self._client.loop_stop()
             why = self._refused or "no CONNACK"
             raise MqttError(

@@ -10,7 +10,6 @@ the original transaction in the contract's events. The chain, not our bookkeepin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 from blockdeepnet.ledger import ContractRejected, Ledger, LedgerError, SignedUpdate
 from gateway.chain import ChainLink
+from gateway.waiting import wait_event
 
 log = logging.getLogger("bdn.gateway.relay")
 
@@ -139,8 +139,7 @@ class Relay:
             if not pending:
                 self.idle.set()
                 self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                await wait_event(self.wake, 1.0)
                 continue
             self.idle.clear()
             try:

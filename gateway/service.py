@@ -50,6 +50,7 @@ from gateway.relay import Outcome, Recorded, Relay
 from gateway.rounds import Decision, LiveRound, decide
 from gateway.store import DuplicateUpdate, Store, StoreUnavailable
 from gateway.validate import Checked, Rejected, UpdateValidator
+from gateway.waiting import wait_event
 
 log = logging.getLogger("bdn.gateway")
 
@@ -165,9 +166,18 @@ class Gateway:
 
     @staticmethod
     async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+        """Cancel the gateway's tasks and wait for them; one that swallowed its cancellation is named in the
+        log and cancelled again, so a stop never hangs on it."""
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending: set[asyncio.Task[None]] = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=5.0)
+            for t in pending:
+                log.warning(
+                    "task %s still runs 5 s after it was cancelled; cancelling it again", t.get_name()
+                )
+                t.cancel()
 
     async def _start(self, stack: AsyncExitStack) -> None:
         cfg, fleet = self.cfg, self.fleet
@@ -281,8 +291,7 @@ class Gateway:
             )
             if decision is Decision.WAIT:
                 self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), 0.5)
+                await wait_event(self._changed, 0.5)
                 continue
             log.info("round %d: %s (%s)", live.round, decision.value, why, extra=fields(round=live.round))
             if decision is Decision.EXTEND:
