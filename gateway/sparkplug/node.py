@@ -155,12 +155,18 @@ class EdgeNode:
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        """A clean stop says so: NDEATH explicitly (the will only fires on a lost connection)."""
+        """A clean stop says so: what changed since the last flush (devices that just went offline get their
+        DDEATH, which the rate limit may still hold back), then NDEATH explicitly (the will only fires on a
+        lost connection)."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        try:
+            self._flush()
+        except Exception:
+            log.exception("Sparkplug: the last changes before NDEATH could not be published")
         if self._client.is_connected():
             with self._lock:
                 info = self._client.publish(self.topic("NDEATH"), spb.death(self.bd_seq.value), qos=1)

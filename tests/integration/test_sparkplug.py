@@ -32,7 +32,11 @@ GROUP = "Plant"
 
 
 def _fleet(
-    tmp_path: Path, broker: MosquittoProcess, rounds: dict[str, Any], http_port: int = 0
+    tmp_path: Path,
+    broker: MosquittoProcess,
+    rounds: dict[str, Any],
+    http_port: int = 0,
+    min_interval_s: float = 0.1,
 ) -> LocalFleet:
     return create_local_fleet(
         tmp_path / "fleet",
@@ -47,7 +51,12 @@ def _fleet(
         dealt=DEALT,
         gateway_extra={
             "rounds": {"deadline_s": 600.0, **rounds},
-            "sparkplug": {"enabled": True, "group_id": GROUP, "server": "local", "min_interval_s": 0.1},
+            "sparkplug": {
+                "enabled": True,
+                "group_id": GROUP,
+                "server": "local",
+                "min_interval_s": min_interval_s,
+            },
         },
     )
 
@@ -138,6 +147,33 @@ def test_births_data_device_deaths_and_rebirth(
     logged = [r.getMessage() for r in caplog.records if r.name == "bdn.gateway.sparkplug"]
     assert any(line.startswith(f"NCMD on spBv1.0/{GROUP}/NCMD/{node} ignored") for line in logged)
     assert any(line.startswith(f"DCMD on spBv1.0/{GROUP}/DCMD/{node}/{dev1.name} ignored") for line in logged)
+
+
+def test_a_clean_stop_publishes_the_device_deaths_the_rate_limit_held_back(
+    tmp_path: Path, mosquitto_factory: Callable[..., MosquittoProcess]
+) -> None:
+    """Devices going offline just before the gateway stops (the demo's end) still get their DDEATH, ahead of
+    the NDEATH, although the next rate-limited flush would only have come seconds later."""
+    broker = mosquitto_factory()
+    local = _fleet(tmp_path, broker, {"max_rounds": 1, "quorum": 3}, min_interval_s=10.0)
+    node = local.fleet.name
+    topics = Topics(node)
+    dev0 = local.devices[0]
+    host = SparkplugRecorder(broker.host, broker.port, f"spBv1.0/{GROUP}/#")
+    devices = MqttTestClient(broker.host, broker.port).connect()
+    try:
+        with GatewayThread(local.gateway_config) as gt:
+            host.wait_for(lambda: host.count("NBIRTH") == 1)
+            _state(devices, topics, dev0.address, "online")
+            host.wait_for(lambda: host.count("DBIRTH") == 1)
+            _state(devices, topics, dev0.address, "offline")
+            gt.wait_for("device_state", count=2)
+        host.wait_for(lambda: host.count("NDEATH") == 1)
+    finally:
+        devices.close()
+        host.close()
+    kinds = [(m.kind, m.device) for m in host.node_messages(GROUP, node) if m.kind != "NDATA"]
+    assert kinds[-2:] == [("DDEATH", dev0.name), ("NDEATH", None)], kinds
 
 
 def test_death_on_kill_and_bdseq_across_restarts(
