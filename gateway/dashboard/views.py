@@ -189,7 +189,9 @@ class Dashboard:
                 path=req.path,
                 **ctx,
             )
-        return web.Response(text=html, content_type="text/html", charset="utf-8", headers=_HEADERS)
+        # The footer's time stamp is outside a fragment: the script shows this one, in the gateway's clock.
+        headers = {**_HEADERS, "X-Rendered-At": _clock(ctx["now"])}
+        return web.Response(text=html, content_type="text/html", charset="utf-8", headers=headers)
 
     async def overview(self, req: web.Request) -> web.Response:
         snap = await self._snapshot(rounds=ROUNDS_SHOWN, rejections=10)

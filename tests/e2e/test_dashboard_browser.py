@@ -4,6 +4,7 @@ page's script refreshes it; no reload), with no console error. Screenshots land 
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def test_open_dashboard_follows_a_round_without_reloading(
             for c in clients:
                 c.close()
         assert page.evaluate("window.__sameDocument") is True
+        assert re.fullmatch(r"updated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", page.inner_text("#refreshed"))
         shot = save_screenshot(page, request, "dashboard-overview")
         assert shot.stat().st_size > 10_000
 

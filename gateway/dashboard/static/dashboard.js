@@ -45,7 +45,7 @@
         last = html;
       }
       if (stamp) {
-        stamp.textContent = "updated " + new Date().toLocaleTimeString();
+        stamp.textContent = "updated " + (response.headers.get("X-Rendered-At") || new Date().toLocaleString());
         stamp.classList.remove("stale");
       }
       delay = every;
