@@ -102,9 +102,17 @@ def test_demo_bridged_to_a_plant_broker_with_sparkplug_and_dashboard(
         with chromium_page() as page:
             page.goto(dashboard)
             page.wait_for_selector("text=BlockDeepNet", timeout=10_000)
-            # Round 1 opens once the devices are up; the open page shows it by itself (no reload).
+            # Round 1 opens once the gateway is up; the open page shows it by itself (no reload), then its
+            # commit and the devices' states as they come.
             page.wait_for_selector('[data-round="1"]', timeout=180_000)
-            _wait("round 1 on the plant broker", lambda: recorder.node_metric("Round/Number") == 1, 60, alive)
+            _wait(
+                "round 1 on the plant broker",
+                lambda: (recorder.node_metric("Round/Number") or 0) >= 1,
+                60,
+                alive,
+            )
+            page.wait_for_selector('tr[data-round="1"][data-status="committed"]', timeout=180_000)
+            page.wait_for_function("document.querySelectorAll('.badge.state-unknown').length === 0")
             shot = save_screenshot(page, request, "scada-demo-dashboard")
             text = page.inner_text("body")
         assert shot.stat().st_size > 10_000
