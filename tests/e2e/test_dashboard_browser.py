@@ -5,17 +5,15 @@ page's script refreshes it; no reload), with no console error. Screenshots land 
 from __future__ import annotations
 
 import re
-import secrets
 from pathlib import Path
 
 import pytest
 
 from bench.round import premade_updates
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.wire import DeviceState, DeviceStatus, Report, Topics
 from gateway.broker import free_port
-from provisioning.localfleet import create_local_fleet
 from tests.support.browser import chromium_page, save_screenshot
+from tests.support.fleets import small_fleet
 from tests.support.gateway import GatewayThread
 from tests.support.mqtt import MqttTestClient
 
@@ -25,15 +23,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 def test_open_dashboard_follows_a_round_without_reloading(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    local = create_local_fleet(
-        tmp_path / "fleet",
-        name=f"plant{secrets.token_hex(3)}",
-        devices=3,
-        threshold=1,
-        holders=2,
+    local = small_fleet(
+        tmp_path,
+        "plant",
         broker_port=free_port("127.0.0.1"),
         http_port=0,
-        dealt=deal(1, 2, 512, allow_insecure=True),
         gateway_extra={"rounds": {"max_rounds": 2, "min_updates": 1}},
     )
     topics = Topics(local.fleet.name)

@@ -5,7 +5,6 @@ refused login that leaves the bridge retrying instead of taking the gateway down
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from blockdeepnet.config import BridgeConfig, BrokerConfig
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.wire import GatewayState, Topics
 from gateway.bridge import Bridge
 from gateway.endpoint import Endpoint
 from gateway.metrics import Metrics
-from provisioning.localfleet import create_local_fleet
+from tests.support.fleets import small_fleet
 from tests.support.gateway import GatewayThread
 from tests.support.mosquitto import MosquittoProcess, MosquittoTls, write_password_file
 from tests.support.mqtt import MqttTestClient
@@ -179,17 +177,13 @@ def test_through_the_gateway(
     """``[bridge]`` in a real gateway's config: its state and round go up by default, a Sparkplug command
     comes down, and a forged protocol message from the plant does not."""
     local, plant = brokers
-    name = f"br{secrets.token_hex(3)}"
-    fleet = create_local_fleet(
-        tmp_path / "fleet",
-        name=name,
+    fleet = small_fleet(
+        tmp_path,
+        "br",
         devices=2,
-        threshold=1,
-        holders=2,
         broker_port=local.port,
         broker_mode="external",
         broker_auth=False,
-        dealt=deal(1, 2, 512, allow_insecure=True),
         gateway_extra={
             "rounds": {"deadline_s": 600.0},
             "bridge": {
@@ -202,6 +196,7 @@ def test_through_the_gateway(
             },
         },
     )
+    name = fleet.fleet.name
     topics = Topics(name)
     historian = MqttTestClient(plant.host, plant.port).connect()
     scada = MqttTestClient(local.host, local.port).connect()

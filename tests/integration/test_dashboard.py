@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import secrets
 import shlex
 import subprocess
 import sys
@@ -19,29 +18,24 @@ from typing import Any
 import pytest
 
 from bench.round import premade_updates
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.wire import Report, Topics
 from gateway.broker import free_port
-from provisioning.localfleet import LocalFleet, create_local_fleet
+from provisioning.localfleet import LocalFleet
+from tests.support.fleets import small_fleet
 from tests.support.gateway import GatewayThread
 from tests.support.mqtt import MqttTestClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-DEALT = deal(1, 2, 512, allow_insecure=True)
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
 
 
 def _fleet(tmp_path: Path, **http: object) -> LocalFleet:
-    return create_local_fleet(
-        tmp_path / "fleet",
-        name=f"dash{secrets.token_hex(3)}",
-        devices=3,
-        threshold=1,
-        holders=2,
+    return small_fleet(
+        tmp_path,
+        "dash",
         broker_port=free_port("127.0.0.1"),
         http_port=0,
-        dealt=DEALT,
         gateway_extra={"rounds": {"max_rounds": 1, "min_updates": 1}, "http": http},
     )
 

@@ -47,7 +47,6 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from bench.round import premade_updates
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.eip712 import UpdateClaim, new_device_key, payload_hash, sign_update
 from blockdeepnet.ledger import Ledger, new_gateway_account, rpc_web3
 from blockdeepnet.wire import (
@@ -62,8 +61,9 @@ from blockdeepnet.wire import (
 )
 from gateway.store import Store
 from provisioning.anvil import AnvilProcess, free_port
-from provisioning.localfleet import LocalFleet, create_local_fleet
+from provisioning.localfleet import LocalFleet
 from tests.support.devices import Device, accepted
+from tests.support.fleets import small_fleet
 from tests.support.flood import Flooder, ReceiptCounter, TopicCount
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mosquitto import MosquittoProcess
@@ -71,7 +71,6 @@ from tests.support.mqtt import MqttTestClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-DEALT = deal(1, 2, 512, allow_insecure=True)
 SEED = 20240611
 SMALL = 10_000  # small hostile updates (hypothesis examples)
 LARGE = 240  # full-size hostile updates (~1 MB each)
@@ -317,18 +316,15 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     gateway: GatewayProcess | None = None
     try:
         http_port = free_port()
-        local = create_local_fleet(
-            tmp_path / "fleet",
-            name=f"fuzz{secrets.token_hex(4)}",
+        local = small_fleet(
+            tmp_path,
+            "fuzz",
             devices=4,
-            threshold=1,
-            holders=2,
             chain_url=anvil.url,
             broker_port=mosquitto.port,
             broker_mode="external",
             broker_auth=False,
             http_port=http_port,
-            dealt=DEALT,
             gateway_extra={"rounds": {"quorum": 0, "min_updates": 3, "deadline_s": 600.0, "max_rounds": 0}},
         )
         gateway = GatewayProcess(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -17,29 +16,19 @@ from typing import Any
 
 import pytest
 
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.ports import free_port
-from provisioning.localfleet import LocalFleet, create_local_fleet
+from provisioning.localfleet import LocalFleet
+from tests.support.fleets import small_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 REPO = Path(__file__).resolve().parents[2]
-DEALT = deal(1, 2, 512, allow_insecure=True)
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> LocalFleet:
     """Three devices, embedded broker and chain (in memory: each gateway run needs a fresh state folder)."""
-    return create_local_fleet(
-        tmp_path / "fleet",
-        name=f"logs{secrets.token_hex(3)}",
-        devices=3,
-        threshold=1,
-        holders=2,
-        broker_port=free_port(),
-        http_port=free_port(),
-        dealt=DEALT,
-    )
+    return small_fleet(tmp_path, "logs", broker_port=free_port(), http_port=free_port())
 
 
 def _run_until(

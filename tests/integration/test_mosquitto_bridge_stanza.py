@@ -4,7 +4,6 @@ fleet's topics go up behind the prefix and a command comes down without it."""
 
 from __future__ import annotations
 
-import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.ports import free_port
 from blockdeepnet.wire import Topics
 from cli.main import cli
-from provisioning.localfleet import create_local_fleet
+from tests.support.fleets import small_fleet
 from tests.support.mosquitto import MosquittoProcess, write_password_file
 from tests.support.mqtt import MqttTestClient
 
@@ -33,18 +31,14 @@ def test_the_stanza_bridges_a_real_mosquitto(
     plant = mosquitto_factory(password_file=write_password_file(tmp_path / "plant.users", {"site": PASSWORD}))
     (tmp_path / "bridge.pw").write_text(PASSWORD + "\n")
     (tmp_path / "bridge.pw").chmod(0o600)
-    name = f"st{secrets.token_hex(3)}"
     local_port = free_port()
-    fleet = create_local_fleet(
-        tmp_path / "fleet",
-        name=name,
+    fleet = small_fleet(
+        tmp_path,
+        "st",
         devices=2,
-        threshold=1,
-        holders=2,
         broker_port=local_port,
         broker_mode="external",
         broker_auth=False,
-        dealt=deal(1, 2, 512, allow_insecure=True),
         gateway_extra={
             "bridge": {
                 "enabled": False,  # the native bridge does the work instead
@@ -68,6 +62,7 @@ def test_the_stanza_bridges_a_real_mosquitto(
     assert PASSWORD not in result.output
 
     local = mosquitto_factory(port=local_port, extra=stanza.read_text())
+    name = fleet.fleet.name
     topics = Topics(name)
     historian = MqttTestClient(plant.host, plant.port, username="site", password=PASSWORD).connect()
     device = MqttTestClient(local.host, local.port).connect()
@@ -89,15 +84,12 @@ def test_the_stanza_bridges_a_real_mosquitto(
 
 def test_printing_the_stanza_warns_about_the_password(tmp_path: Path) -> None:
     (tmp_path / "bridge.pw").write_text("pw\n")
-    fleet = create_local_fleet(
-        tmp_path / "fleet",
-        name=f"st{secrets.token_hex(3)}",
+    fleet = small_fleet(
+        tmp_path,
+        "st",
         devices=2,
-        threshold=1,
-        holders=2,
         broker_mode="external",
         broker_auth=False,
-        dealt=deal(1, 2, 512, allow_insecure=True),
         gateway_extra={
             "bridge": {"host": "plant", "username": "u", "password_file": str(tmp_path / "bridge.pw")}
         },

@@ -6,7 +6,6 @@ on across a restart of the gateway and of the broker."""
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,10 @@ import pytest
 from sparkplub_b_packets.core import sparkplug_b_pb2 as tahu
 
 from bench.round import premade_updates
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.ports import free_port
 from blockdeepnet.wire import DeviceState, Report, Topics
-from provisioning.localfleet import LocalFleet, create_local_fleet
+from provisioning.localfleet import LocalFleet
+from tests.support.fleets import small_fleet
 from tests.support.gateway import GatewayThread
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mosquitto import MosquittoProcess
@@ -27,7 +26,6 @@ from tests.support.sparkplug import SparkplugRecorder, SpbMessage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-DEALT = deal(1, 2, 512, allow_insecure=True)
 GROUP = "Plant"
 
 
@@ -38,17 +36,13 @@ def _fleet(
     http_port: int = 0,
     min_interval_s: float = 0.1,
 ) -> LocalFleet:
-    return create_local_fleet(
-        tmp_path / "fleet",
-        name=f"sp{secrets.token_hex(3)}",
-        devices=3,
-        threshold=1,
-        holders=2,
+    return small_fleet(
+        tmp_path,
+        "sp",
         broker_port=broker.port,
         broker_mode="external",
         broker_auth=False,
         http_port=http_port,
-        dealt=DEALT,
         gateway_extra={
             "rounds": {"deadline_s": 600.0, **rounds},
             "sparkplug": {
@@ -226,15 +220,12 @@ def test_a_late_host_gets_births_through_the_fleet_acl(
     user may publish in spBv1.0 and read its NCMD; the fleet's read-only monitor user sees everything. The
     host connects after the NBIRTH went out (QoS 0, not retained) and asks for a rebirth, as hosts do."""
     port = free_port()
-    local = create_local_fleet(
-        tmp_path / "fleet",
-        name=f"sp{secrets.token_hex(3)}",
+    local = small_fleet(
+        tmp_path,
+        "sp",
         devices=2,
-        threshold=1,
-        holders=2,
         broker_port=port,
         broker_mode="external" if kind == "mosquitto" else "embedded",
-        dealt=DEALT,
         gateway_extra={"sparkplug": {"enabled": True, "group_id": GROUP, "min_interval_s": 0.1}},
     )
     if kind == "mosquitto":
