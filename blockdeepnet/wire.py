@@ -439,6 +439,10 @@ DeviceStatus = Literal["online", "offline", "training", "error"]
 GatewayStatus = Literal["online", "offline"]
 _DEVICE_STATUSES: Final = frozenset({"online", "offline", "training", "error"})
 _GATEWAY_STATUSES: Final = frozenset({"online", "offline"})
+#: A device in one of these states counts as online (metrics, dashboard, Sparkplug, the demo's table).
+ONLINE_STATES: Final = frozenset({"online", "training"})
+#: A device that says it is gone (its last will, or an error): a round does not wait for it.
+GONE_STATES: Final = frozenset({"offline", "error"})
 
 
 @_check_keys

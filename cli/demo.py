@@ -37,7 +37,7 @@ from blockdeepnet.crypto.codec import SlotLayout
 from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.fleet import Fleet
 from blockdeepnet.learning.model import PAPER_CNN_PARAMS
-from blockdeepnet.wire import TopicKind, Topics, WireError
+from blockdeepnet.wire import ONLINE_STATES, TopicKind, Topics, WireError
 from gateway.broker import free_port
 from gateway.service import Gateway
 from provisioning.localfleet import LocalFleet, create_local_fleet
@@ -214,7 +214,7 @@ class DemoState:
                     f"{v.wire_bytes / 1e6:.1f} MB",
                     f"{v.gas:,}",
                 )
-            online = sum(1 for s in self.states.values() if s in ("online", "training"))
+            online = sum(1 for s in self.states.values() if s in ONLINE_STATES)
             t.caption = f"devices online: {online}/{self.devices}" + (
                 f"  |  {self.log[-1]}" if self.log else ""
             )

@@ -33,6 +33,8 @@ from blockdeepnet.learning.model import PAPER_CNN_PARAMS
 from blockdeepnet.ledger import Ledger, LedgerError, SignedUpdate
 from blockdeepnet.logs import fields
 from blockdeepnet.wire import (
+    GONE_STATES,
+    ONLINE_STATES,
     DeviceState,
     GatewayState,
     GlobalBlock,
@@ -55,8 +57,6 @@ from gateway.waiting import wait_event
 log = logging.getLogger("bdn.gateway")
 
 EventHook = Callable[[str, dict[str, Any]], None]
-_ONLINE = frozenset({"online", "training"})
-_GONE = frozenset({"offline", "error"})
 
 
 class GatewayError(Exception):
@@ -277,7 +277,7 @@ class Gateway:
             online_missing = sum(
                 1
                 for d in self.fleet.devices
-                if d.address not in live.submitted and self._states.get(d.address) not in _GONE
+                if d.address not in live.submitted and self._states.get(d.address) not in GONE_STATES
             )
             decision, why = decide(
                 rounds_cfg,
@@ -774,7 +774,7 @@ class Gateway:
                 state = DeviceState.from_cbor(msg.payload)
                 self._states[device] = state.state
                 await asyncio.to_thread(self.store.set_device_state, device, state.state, time.time())
-                self.metrics.devices_online.set(sum(1 for s in self._states.values() if s in _ONLINE))
+                self.metrics.devices_online.set(sum(1 for s in self._states.values() if s in ONLINE_STATES))
                 self._emit("device_state", {"device": device, "state": state.state})
                 self._changed.set()
             else:

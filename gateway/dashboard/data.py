@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from blockdeepnet.wire import ONLINE_STATES
+
 if TYPE_CHECKING:
     from gateway.service import Gateway
 
@@ -106,7 +108,7 @@ class Snapshot:
 
     @property
     def online(self) -> int:
-        return sum(1 for d in self.devices if d.state in ("online", "training"))
+        return sum(1 for d in self.devices if d.state in ONLINE_STATES)
 
     def to_json(self) -> dict[str, Any]:
         """The same data for scripts and SCADA: plain JSON types only."""

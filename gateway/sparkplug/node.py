@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as paho
 
 from blockdeepnet.private_files import write_private_atomic
+from blockdeepnet.wire import ONLINE_STATES
 from gateway.endpoint import Endpoint, refused
 from gateway.sparkplug import payload as spb
 from gateway.sparkplug.payload import BOOLEAN, DATETIME, DOUBLE, INT64, REBIRTH, STRING, UINT64, MetricSet
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bdn.gateway.sparkplug")
 
 NAMESPACE = "spBv1.0"
-_ONLINE = frozenset({"online", "training"})
 
 NODE_METRICS = [
     (REBIRTH, BOOLEAN),
@@ -248,7 +248,7 @@ class EdgeNode:
         self._born = True
         for d in self.devices.values():
             d.born = False
-            if self._states.get(d.id) in _ONLINE:
+            if self._states.get(d.id) in ONLINE_STATES:
                 self._device_birth(d)
 
     def _device_birth(self, d: _Device) -> None:
@@ -304,7 +304,7 @@ class EdgeNode:
         self._states[d.id] = state
         d.metrics.set("State", state)
         d.metrics.set("Last Seen", spb.now_ms())
-        self.node.set("Devices/Online", sum(1 for s in self._states.values() if s in _ONLINE))
+        self.node.set("Devices/Online", sum(1 for s in self._states.values() if s in ONLINE_STATES))
 
     def _report(self, data: dict[str, Any]) -> None:
         d = self._device(data["device"])
@@ -339,7 +339,7 @@ class EdgeNode:
             assert data is not None
             self._publish("NDATA", data)
         for d in self.devices.values():
-            online = self._states.get(d.id) in _ONLINE
+            online = self._states.get(d.id) in ONLINE_STATES
             if online and not d.born:
                 self._device_birth(d)
             elif d.born and not online:
