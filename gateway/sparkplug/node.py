@@ -201,11 +201,18 @@ class EdgeNode:
         self._loop.call_soon_threadsafe(self._lost)
         log.warning("Sparkplug edge node lost %s (%s); reconnecting with bdSeq %d", self.endpoint, reason, bd)
 
-    def _on_ncmd(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+    @staticmethod
+    def _command(kind: str, msg: paho.MQTTMessage) -> dict[str, Any] | None:
+        """The metrics of an NCMD/DCMD, or None (logged) when it does not decode: it comes from the network."""
         try:
-            command = spb.parse_command(bytes(msg.payload))
+            return spb.parse_command(bytes(msg.payload))
         except spb.CommandError as exc:
-            log.warning("NCMD on %s ignored: %s", msg.topic, exc)
+            log.warning("%s on %s ignored: %s", kind, msg.topic, exc)
+            return None
+
+    def _on_ncmd(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        command = self._command("NCMD", msg)
+        if command is None:
             return
         if command.get(REBIRTH) is True:
             log.info("Sparkplug host asked for a rebirth")
@@ -215,10 +222,8 @@ class EdgeNode:
             log.info("NCMD with %s ignored: only %s is supported", sorted(command), REBIRTH)
 
     def _on_dcmd(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        try:
-            command = spb.parse_command(bytes(msg.payload))
-        except spb.CommandError as exc:
-            log.warning("DCMD on %s ignored: %s", msg.topic, exc)
+        command = self._command("DCMD", msg)
+        if command is None:
             return
         log.info("DCMD on %s with %s ignored: devices take no commands", msg.topic, sorted(command))
 
