@@ -91,17 +91,19 @@ def test_forwards_up_and_down_with_the_prefix(
     assert not any(m.topic.endswith("other/topic") for m in historian.drain(0.5))
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 @pytest.mark.parametrize("gateway_restarts", [False, True], ids=["bridge-up", "bridge-restarted"])
 def test_plant_outage_loses_no_qos1_message(
     brokers: tuple[MosquittoProcess, MosquittoProcess],
     closing: list[Bridge | MqttTestClient],
     gateway_restarts: bool,
+    protocol: str,
 ) -> None:
     """The plant broker is down while readings are published locally. With ``gateway_restarts`` the bridge
     is also closed and replaced during the outage: what it held in memory is gone, so every reading that
     still arrives must have waited, unacknowledged, in the local broker."""
     local, plant = brokers
-    bridge = _bridge(local, plant, protocol="5")
+    bridge = _bridge(local, plant, protocol=protocol)
     closing.append(bridge)
     _wait(lambda: bridge.plant.connected.is_set() and bridge.local.connected.is_set(), "both sides")
     # A historian with a persistent session: the plant broker keeps its queue across its own restart.
@@ -118,7 +120,7 @@ def test_plant_outage_loses_no_qos1_message(
     _wait(lambda: bridge.in_flight() > 0, "readings to reach the bridge")
     if gateway_restarts:
         bridge.close()
-        bridge = _bridge(local, plant, protocol="5")
+        bridge = _bridge(local, plant, protocol=protocol)
         closing.append(bridge)
         _wait(lambda: bridge.local.connected.is_set(), "the new bridge's local side")
     plant.start()
