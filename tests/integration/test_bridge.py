@@ -170,7 +170,8 @@ def test_a_refused_login_is_logged_and_retried(
     _wait(lambda: any("refused us" in r.getMessage() for r in caplog.records), "the refusal in the log")
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "check the username and password" in text and "wrong" not in text
-    assert bridge.local.connected.is_set() and not bridge.plant.connected.is_set()
+    _wait(bridge.local.connected.is_set, "the local side (the plant's refusal does not stop it)")
+    assert not bridge.plant.connected.is_set()
 
 
 def test_through_the_gateway(
