@@ -90,6 +90,7 @@ class _Side:
         self.client.on_connect_fail = self._on_connect_fail
         self.connected = threading.Event()
         self._last_problem = ""
+        self._stopping = False
 
     def start(self) -> None:
         self.metrics.bridge_connected.labels(self.label).set(0)
@@ -97,6 +98,7 @@ class _Side:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True  # our own disconnect: no "lost" warning
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -134,6 +136,9 @@ class _Side:
             return  # a refused CONNECT, already logged
         self.connected.clear()
         self.metrics.bridge_connected.labels(self.label).set(0)
+        if self._stopping:
+            log.info("bridge: disconnected from %s", self.endpoint)
+            return
         log.warning(
             "bridge: lost %s (%s); messages wait in the brokers until it is back", self.endpoint, reason
         )

@@ -91,6 +91,19 @@ def test_forwards_up_and_down_with_the_prefix(
     assert not any(m.topic.endswith("other/topic") for m in historian.drain(0.5))
 
 
+def test_a_clean_close_is_not_reported_as_a_lost_broker(
+    brokers: tuple[MosquittoProcess, MosquittoProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    local, plant = brokers
+    caplog.set_level(logging.INFO, "bdn.gateway.bridge")
+    bridge = _bridge(local, plant)
+    _wait(lambda: bridge.local.connected.is_set() and bridge.plant.connected.is_set(), "both sides")
+    bridge.close()
+    bridge_records = [r for r in caplog.records if r.name == "bdn.gateway.bridge"]
+    assert [r.getMessage() for r in bridge_records if r.levelno >= logging.WARNING] == []
+    assert sum("disconnected from" in r.getMessage() for r in bridge_records) == 2
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 @pytest.mark.parametrize("gateway_restarts", [False, True], ids=["bridge-up", "bridge-restarted"])
 def test_plant_outage_loses_no_qos1_message(
