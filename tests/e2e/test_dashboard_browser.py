@@ -13,9 +13,8 @@ from bench.round import premade_updates
 from blockdeepnet.wire import DeviceState, DeviceStatus, Report, Topics
 from gateway.broker import free_port
 from tests.support.browser import chromium_page, save_screenshot
-from tests.support.fleets import small_fleet
+from tests.support.fleets import device_client, small_fleet
 from tests.support.gateway import GatewayThread
-from tests.support.mqtt import MqttTestClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -44,12 +43,7 @@ def test_open_dashboard_follows_a_round_without_reloading(
             assert page.locator(f'tr[data-device="{d.address}"]').inner_text().startswith(d.name)
         page.evaluate("window.__sameDocument = true")  # gone if the page reloads
 
-        clients = [
-            MqttTestClient(
-                "127.0.0.1", port, username=d.address, password=local.passwords[d.address]
-            ).connect()
-            for d in local.devices
-        ]
+        clients = [device_client(local, k, port) for k in range(len(local.devices))]
         try:
             states: tuple[DeviceStatus, ...] = ("online", "training", "training")
             for d, c, state in zip(local.devices, clients, states, strict=True):

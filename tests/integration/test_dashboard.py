@@ -21,9 +21,8 @@ from bench.round import premade_updates
 from blockdeepnet.wire import Report, Topics
 from gateway.broker import free_port
 from provisioning.localfleet import LocalFleet
-from tests.support.fleets import small_fleet
+from tests.support.fleets import device_client, small_fleet
 from tests.support.gateway import GatewayThread
-from tests.support.mqtt import MqttTestClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -103,12 +102,7 @@ def test_dashboard_shows_fleet_round_chain_audit_and_escaped_rejections(tmp_path
         gt.wait_for("round_open")
         first = _page(base)
         assert "BlockDeepNet" in first and 'data-round="1"' in first
-        clients = [
-            MqttTestClient(
-                "127.0.0.1", port, username=d.address, password=local.passwords[d.address]
-            ).connect()
-            for d in local.devices
-        ]
+        clients = [device_client(local, k, port) for k in range(len(local.devices))]
         try:
             clients[0].publish(topics.update(local.devices[0].address), b"\x00junk")
             gt.wait_for("update_rejected")

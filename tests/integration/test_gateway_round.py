@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import pytest
@@ -10,37 +9,24 @@ import pytest
 from bench.round import premade_updates
 from blockdeepnet import merkle
 from blockdeepnet.audit import aggregate_hash
-from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.wire import GlobalBlock, ReasonCode, Receipt, RoundOpen, Topics
 from gateway.broker import free_port
-from provisioning.localfleet import LocalFleet, create_local_fleet
+from provisioning.localfleet import LocalFleet
+from tests.support.fleets import device_client, small_fleet
 from tests.support.gateway import GatewayThread
-from tests.support.mqtt import MqttTestClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-DEALT = deal(1, 2, 512, allow_insecure=True)
-
 
 def _fleet(tmp_path: Path, devices: int = 3, **rounds: object) -> LocalFleet:
-    return create_local_fleet(
-        tmp_path / "fleet",
-        name=f"gw{secrets.token_hex(4)}",
+    return small_fleet(
+        tmp_path,
+        "gw",
         devices=devices,
-        threshold=1,
-        holders=2,
         broker_port=free_port("127.0.0.1"),
         http_port=0,
-        dealt=DEALT,
         gateway_extra={"rounds": {"max_rounds": 1, "min_updates": 1, **rounds}},
     )
-
-
-def _device(local: LocalFleet, k: int, port: int) -> MqttTestClient:
-    d = local.devices[k]
-    return MqttTestClient(
-        "127.0.0.1", port, username=d.address, password=local.passwords[d.address]
-    ).connect()
 
 
 def test_round_is_recorded_aggregated_committed_and_published(tmp_path: Path) -> None:
@@ -50,7 +36,7 @@ def test_round_is_recorded_aggregated_committed_and_published(tmp_path: Path) ->
     with GatewayThread(local.gateway_config) as gt:
         port = gt.gw.broker_port
         assert port is not None
-        clients = [_device(local, k, port) for k in range(3)]
+        clients = [device_client(local, k, port) for k in range(3)]
         try:
             watcher = clients[0]
             watcher.subscribe(topics.round())
@@ -97,7 +83,7 @@ def test_bad_updates_get_reason_codes_and_a_resend_gets_the_original_receipt(tmp
     with GatewayThread(local.gateway_config) as gt:
         port = gt.gw.broker_port
         assert port is not None
-        dev = _device(local, 0, port)
+        dev = device_client(local, 0, port)
         try:
             addr = local.devices[0].address
             dev.subscribe(topics.receipt(addr))
@@ -186,7 +172,7 @@ def test_gateway_on_postgresql(tmp_path: Path, pg_database: str) -> None:
     with GatewayThread(config) as gt:
         port = gt.gw.broker_port
         assert port is not None
-        clients = [_device(local, k, port) for k in range(2)]
+        clients = [device_client(local, k, port) for k in range(2)]
         try:
             clients[0].subscribe(topics.global_block(1))
             for _, topic, payload in updates:
@@ -209,7 +195,7 @@ def test_a_round_without_enough_updates_is_extended_then_skipped(tmp_path: Path)
     with GatewayThread(local.gateway_config) as gt:
         port = gt.gw.broker_port
         assert port is not None
-        dev = _device(local, 0, port)
+        dev = device_client(local, 0, port)
         try:
             gt.wait_for("round_open")
             dev.publish(*updates[0][1:])

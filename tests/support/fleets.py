@@ -11,6 +11,7 @@ from typing import Any
 
 from blockdeepnet.crypto.threshold import KeyShare, ThresholdPublicKey, deal
 from provisioning.localfleet import LocalFleet, create_local_fleet
+from tests.support.mqtt import MqttTestClient
 
 
 @functools.cache
@@ -30,3 +31,11 @@ def small_fleet(tmp_path: Path, prefix: str, *, devices: int = 3, **kwargs: Any)
         dealt=small_key(),
         **kwargs,
     )
+
+
+def device_client(local: LocalFleet, k: int, port: int) -> MqttTestClient:
+    """Device ``k`` of ``local`` connected to the broker on ``port`` with its own credentials (the ACL's view)."""
+    d = local.devices[k]
+    return MqttTestClient(
+        "127.0.0.1", port, username=d.address, password=local.passwords[d.address]
+    ).connect()
