@@ -118,6 +118,10 @@ class Gateway:
             except Exception:
                 log.exception("event listener failed on %s", event)
 
+    def devices_online(self) -> int:
+        """Devices whose latest state message says online (or training)."""
+        return sum(1 for s in self._states.values() if s in ONLINE_STATES)
+
     # ----------------------------------------------------------------------------------------- lifecycle
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -774,7 +778,7 @@ class Gateway:
                 state = DeviceState.from_cbor(msg.payload)
                 self._states[device] = state.state
                 await asyncio.to_thread(self.store.set_device_state, device, state.state, time.time())
-                self.metrics.devices_online.set(sum(1 for s in self._states.values() if s in ONLINE_STATES))
+                self.metrics.devices_online.set(self.devices_online())
                 self._emit("device_state", {"device": device, "state": state.state})
                 self._changed.set()
             else:

@@ -103,6 +103,10 @@ class _Device:
     metrics: MetricSet
     born: bool = False
 
+    @property
+    def online(self) -> bool:
+        return self.metrics.get("State") in ONLINE_STATES
+
 
 class EdgeNode:
     def __init__(self, gw: Gateway, endpoint: Endpoint) -> None:
@@ -120,7 +124,6 @@ class EdgeNode:
         self.node.set("Devices/Online", 0)
         self.devices: dict[str, _Device] = {}
         self._addresses: dict[str, str] = {}  # device address -> Sparkplug device id
-        self._states: dict[str, str] = {}
         self._accuracy_round = 0  # Model/Accuracy: the mean of the reports on this round's global model
         self._accuracies: dict[str, float] = {}
         self._seq = 0
@@ -253,7 +256,7 @@ class EdgeNode:
         self._born = True
         for d in self.devices.values():
             d.born = False
-            if self._states.get(d.id) in ONLINE_STATES:
+            if d.online:
                 self._device_birth(d)
 
     def _device_birth(self, d: _Device) -> None:
@@ -306,10 +309,9 @@ class EdgeNode:
         d = self._device(address)
         if d is None:
             return
-        self._states[d.id] = state
         d.metrics.set("State", state)
         d.metrics.set("Last Seen", spb.now_ms())
-        self.node.set("Devices/Online", sum(1 for s in self._states.values() if s in ONLINE_STATES))
+        self.node.set("Devices/Online", self.gw.devices_online())
 
     def _report(self, data: dict[str, Any]) -> None:
         d = self._device(data["device"])
@@ -344,17 +346,17 @@ class EdgeNode:
             assert data is not None
             self._publish("NDATA", data)
         for d in self.devices.values():
-            online = self._states.get(d.id) in ONLINE_STATES
-            if online and not d.born:
+            if d.online and not d.born:
                 self._device_birth(d)
-            elif d.born and not online:
-                if d.metrics.dirty:
-                    changed = d.metrics.data(self._next_seq())
-                    assert changed is not None
-                    self._publish("DDATA", changed, d.id)
-                self._publish("DDEATH", spb.device_death(self._next_seq()), d.id)
-                d.born = False
-            elif d.born and d.metrics.dirty:
-                changed = d.metrics.data(self._next_seq())
-                assert changed is not None
-                self._publish("DDATA", changed, d.id)
+            elif d.born:
+                self._device_changes(d)  # a dying device's last state (offline, error) goes out first
+                if not d.online:
+                    self._publish("DDEATH", spb.device_death(self._next_seq()), d.id)
+                    d.born = False
+
+    def _device_changes(self, d: _Device) -> None:
+        """DDATA with the device's metrics that changed since its last DBIRTH/DDATA, if any."""
+        if d.metrics.dirty:
+            changed = d.metrics.data(self._next_seq())
+            assert changed is not None
+            self._publish("DDATA", changed, d.id)
