@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from blockdeepnet.logs import setup_logging
-from cli.log_options import fatal, log_format_option
+from cli.log_options import fatal, log_format_option, log_level_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,13 +23,7 @@ def agent() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="The device's agent.toml.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Least severe log messages shown (stderr).",
-)
+@log_level_option
 @log_format_option
 def run(config_path: Path, log_level: str, log_format: str) -> None:
     """Run the agent in the foreground until SIGTERM or Ctrl-C.

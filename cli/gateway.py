@@ -12,7 +12,7 @@ from blockdeepnet.config import ConfigError, load_gateway_config
 from blockdeepnet.contract import LedgerError
 from blockdeepnet.fleet import Fleet, FleetError
 from blockdeepnet.logs import setup_logging
-from cli.log_options import fatal, log_format_option
+from cli.log_options import fatal, log_format_option, log_level_option
 
 
 @click.group()
@@ -28,13 +28,7 @@ def gateway() -> None:
     required=True,
     help="gateway.toml (fleet file, keys, broker, store, rounds, http).",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Least severe log messages shown (stderr).",
-)
+@log_level_option
 @log_format_option
 def run(config_path: Path, log_level: str, log_format: str) -> None:
     """Run the gateway until SIGTERM/SIGINT (or rounds.max_rounds committed rounds)."""

@@ -1,4 +1,5 @@
-"""The ``--log-format`` option the daemon commands share, and how they report a fatal error in that format."""
+"""The ``--log-level`` and ``--log-format`` options the daemon commands share, and how they report a fatal
+error in that format."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ import click
 
 from blockdeepnet.logs import FORMATS
 from cli.errors import fail
+
+log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least severe log messages shown (stderr).",
+)
 
 log_format_option = click.option(
     "--log-format",
