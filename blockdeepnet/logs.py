@@ -133,10 +133,9 @@ class JsonFormatter(logging.Formatter):
             value = record.__dict__.get(key)
             if value is not None:
                 entry[key] = _jsonable(value)
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["exc"] = record.exc_text
+        exc = _exc_text(self, record)
+        if exc:
+            entry["exc"] = exc
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, ensure_ascii=True, default=_safe_repr)
@@ -165,13 +164,18 @@ class JournalFormatter(logging.Formatter):
         return _with_trace(self, record, line, " | ").translate(_ONE_LINE)
 
 
-def _with_trace(fmt: logging.Formatter, record: logging.LogRecord, line: str, sep: str) -> str:
-    """``line`` followed by the record's traceback and stack, each after ``sep`` (as logging.Formatter does,
-    the formatted traceback is cached on the record)."""
+def _exc_text(fmt: logging.Formatter, record: logging.LogRecord) -> str | None:
+    """The record's formatted traceback, cached on the record as logging.Formatter does."""
     if record.exc_info and not record.exc_text:
         record.exc_text = fmt.formatException(record.exc_info)
-    if record.exc_text:
-        line += sep + record.exc_text
+    return record.exc_text or None
+
+
+def _with_trace(fmt: logging.Formatter, record: logging.LogRecord, line: str, sep: str) -> str:
+    """``line`` followed by the record's traceback and stack, each after ``sep``."""
+    exc = _exc_text(fmt, record)
+    if exc:
+        line += sep + exc
     if record.stack_info:
         line += sep + fmt.formatStack(record.stack_info)
     return line
