@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from eth_utils.crypto import keccak
 
 from blockdeepnet import merkle
 from blockdeepnet.crypto.homomorphic import Accumulator
 from blockdeepnet.crypto.paillier import CiphertextRangeError, PublicKey
+
+if TYPE_CHECKING:  # not at run time: devices import this module and must not load web3
+    from blockdeepnet.ledger import Ledger
 
 
 def aggregate_hash(public_key: PublicKey, aggregate: Sequence[int]) -> bytes:
@@ -37,6 +41,16 @@ class CommittedBlock:
     aggregate_hash: bytes
     merkle_root: bytes
     count: int
+
+
+def chain_record(ledger: Ledger, round_no: int) -> tuple[CommittedBlock, list[RecordedUpdate]] | None:
+    """What the chain holds for ``round_no``: its committed global block and the updates recorded in the round,
+    or None while no global block is committed. Raises LedgerError when the node cannot be read."""
+    info = ledger.get_round(round_no)
+    if not info.committed:
+        return None
+    block = CommittedBlock(round_no, info.aggregate_hash, info.merkle_root, info.count)
+    return block, [RecordedUpdate(d, h) for d, h in ledger.recorded_updates(round_no)]
 
 
 @dataclass

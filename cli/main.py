@@ -338,7 +338,7 @@ def audit_round_cmd(
     """
     from pathlib import Path
 
-    from blockdeepnet.audit import CommittedBlock, RecordedUpdate, audit_round
+    from blockdeepnet.audit import audit_round, chain_record
     from blockdeepnet.crypto.paillier import PublicKey
     from blockdeepnet.ledger import Ledger, LedgerError, new_gateway_account, rpc_web3
 
@@ -346,19 +346,18 @@ def audit_round_cmd(
         key_data = json.loads(Path(public_key_file).read_text())
         pub = PublicKey.from_dict(key_data.get("public_key", key_data))
         ledger = Ledger(rpc_web3(rpc, poa=poa), contract, new_gateway_account())
-        info = ledger.get_round(round_no)
-        if not info.committed:
-            fail(f"round {round_no} has no committed global block on chain")
-        recorded = [RecordedUpdate(d, h) for d, h in ledger.recorded_updates(round_no)]
+        record = chain_record(ledger, round_no)
     except (ValueError, OSError, LedgerError) as exc:
         fail(str(exc))
+    if record is None:
+        fail(f"round {round_no} has no committed global block on chain")
     payloads = {}
     for f in Path(archive).glob("*.bin"):
         try:
             payloads[bytes.fromhex(f.stem.removeprefix("0x"))] = f.read_bytes()
         except ValueError:
             continue
-    block = CommittedBlock(round_no, info.aggregate_hash, info.merkle_root, info.count)
+    block, recorded = record
     report = audit_round(pub, block, recorded, payloads)
     if as_json:
         click.echo(
@@ -373,7 +372,7 @@ def audit_round_cmd(
         )
     else:
         verdict = "honest" if report.honest else "NOT honest"
-        click.echo(f"round {round_no}: {verdict} ({report.checked_updates} of {info.count} updates checked)")
+        click.echo(f"round {round_no}: {verdict} ({report.checked_updates} of {block.count} updates checked)")
         for problem in report.problems:
             click.echo(f"  - {problem}")
     sys.exit(0 if report.honest else 1)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-from blockdeepnet.audit import CommittedBlock, RecordedUpdate, audit_round
+from blockdeepnet.audit import audit_round, chain_record
 from blockdeepnet.ledger import LedgerError
 from gateway.store import StoreError
 
@@ -84,17 +84,15 @@ class Auditor:
             row = gw.store.get_round(round_no)
             if row is None:
                 return AuditResult(round_no, "unknown round", at=now)
-            info = gw.chain.call_sync(lambda lg: lg.get_round(round_no))
-            if not info.committed:
+            record = gw.chain.call_sync(lambda lg: chain_record(lg, round_no))
+            if record is None:
                 return AuditResult(round_no, "not committed", at=now)
-            on_chain = gw.chain.call_sync(lambda lg: lg.recorded_updates(round_no))
             stored = gw.store.recorded_updates(round_no, with_payload=True)
         except (LedgerError, StoreError, OSError, ValueError) as exc:
             log.warning("dashboard audit of round %d failed: %s", round_no, exc)
             return AuditResult(round_no, "error", problems=[f"cannot read the round: {exc}"], at=now)
         payloads = {u.payload_hash: u.payload for u in stored if u.payload is not None}
-        block = CommittedBlock(round_no, info.aggregate_hash, info.merkle_root, info.count)
-        recorded = [RecordedUpdate(d, h) for d, h in on_chain]
+        block, recorded = record
         report = audit_round(gw.public_key, block, recorded, payloads)
         names = {d.address: d.name for d in gw.fleet.devices}
         by_hash = {u.payload_hash: u for u in stored}
@@ -116,7 +114,7 @@ class Auditor:
             "honest" if report.honest else "not honest",
             problems=list(report.problems),
             checked=report.checked_updates,
-            count=info.count,
+            count=block.count,
             updates=updates,
             at=now,
         )
