@@ -77,6 +77,9 @@ GLOBAL_MAX_BYTES: Final = 1_300_000
 """GlobalBlock: a full aggregate plus up to MAX_DEVICES addresses (~45 KB) and hashes."""
 SHARE_MAX_BYTES: Final = 1_300_000
 """Share: a full blob of partial decryptions plus the three proof values."""
+BROKER_MESSAGE_MAX_BYTES: Final = 4 * 1024 * 1024
+"""The largest MQTT message a fleet's broker takes (Mosquitto's ``message_size_limit``): room for every
+message above, and the most the upstream bridge forwards."""
 
 TOPIC_ROOT: Final = "bdn/v1"
 _FLEET_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")

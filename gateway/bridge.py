@@ -33,12 +33,12 @@ import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from blockdeepnet.config import BridgeConfig
+from blockdeepnet.wire import BROKER_MESSAGE_MAX_BYTES
 from gateway.endpoint import Endpoint, refused
 from gateway.metrics import Metrics
 
 log = logging.getLogger("bdn.gateway.bridge")
 
-MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # the local broker's own limit for devices' updates
 IN_FLIGHT = 100  # unacknowledged messages a broker may have out to the bridge, per side
 PROTECTED = "bdn/"  # the protocol's namespace: nothing comes down into it
 
@@ -177,7 +177,7 @@ class Bridge:
     ) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
         def forward(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
             topic, why = route.target_topic(msg.topic)
-            if topic is not None and len(msg.payload) > MAX_PAYLOAD_BYTES:
+            if topic is not None and len(msg.payload) > BROKER_MESSAGE_MAX_BYTES:
                 topic, why = None, "size"
             if topic is None:
                 log.warning(

@@ -41,7 +41,7 @@ from blockdeepnet.crypto.threshold import deal
 from blockdeepnet.fleet import FLEET_NAME_RE, ChainInfo, Fleet, contract_address
 from blockdeepnet.ledger import EMBEDDED_CHAIN_ID, Ledger, LedgerError, rpc_web3
 from blockdeepnet.mosquitto_users import set_user
-from blockdeepnet.wire import Topics
+from blockdeepnet.wire import BROKER_MESSAGE_MAX_BYTES, Topics
 from provisioning.broker_credentials import write_amqtt_password_file
 from provisioning.certs import create_ca, issue_server_cert
 from provisioning.private_files import private_dir, write_private
@@ -243,7 +243,7 @@ def _mosquitto_conf(opts: InitOptions, owner: str, folder: Path, ca: Path, cert:
             "persistence true",
             f"persistence_location {data}/",
             "max_queued_messages 100000",  # DESIGN §6: the default 1000 drops QoS 1 messages silently
-            "message_size_limit 4194304",
+            f"message_size_limit {BROKER_MESSAGE_MAX_BYTES}",
             f"log_dest file {folder / 'mosquitto.log'}",
             "log_type error",
             "log_type warning",

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from blockdeepnet.ports import free_port, port_in_use
+from blockdeepnet.wire import BROKER_MESSAGE_MAX_BYTES
 
 HOST = "127.0.0.1"
 
@@ -91,7 +92,7 @@ class MosquittoProcess:
         autosave_interval: int = 1,
         max_queued_messages: int = 100_000,
         max_inflight_messages: int | None = None,
-        message_size_limit: int = 4 * 1024 * 1024,
+        message_size_limit: int = BROKER_MESSAGE_MAX_BYTES,
         verbose: bool = False,
         extra: str = "",
     ) -> None:
