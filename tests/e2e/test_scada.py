@@ -13,19 +13,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from blockdeepnet.ports import free_port
 from tests.support.browser import chromium_page, save_screenshot
 from tests.support.mosquitto import MosquittoProcess
+from tests.support.mqtt import MqttTestClient
 from tests.support.sparkplug import SparkplugRecorder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
@@ -33,31 +31,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 PREFIX = "plant1/"
 GROUP = "BlockDeepNet"
 NODE = "demo"
-
-
-class TopicLog:
-    """Everything that arrives on the plant broker under the bridge's prefix."""
-
-    def __init__(self, port: int) -> None:
-        self.topics: list[tuple[str, bytes, bool]] = []
-        self._lock = threading.Lock()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="plant-historian")
-        self._client.on_connect = lambda c, *_: c.subscribe(f"{PREFIX}#", qos=1)
-        self._client.on_message = self._on_message
-        self._client.connect("127.0.0.1", port)
-        self._client.loop_start()
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.topics.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
-
-    def seen(self, topic: str) -> bool:
-        with self._lock:
-            return any(t == topic for t, _, _ in self.topics)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def _wait(what: str, ok: Callable[[], bool], timeout: float, alive: Callable[[], bool]) -> None:
@@ -83,7 +56,8 @@ def test_demo_bridged_to_a_plant_broker_with_sparkplug_and_dashboard(
 ) -> None:
     plant = mosquitto_factory()
     recorder = SparkplugRecorder(plant.host, plant.port, f"spBv1.0/{GROUP}/#")
-    historian = TopicLog(plant.port)
+    historian = MqttTestClient(plant.host, plant.port).connect()  # everything bridged up
+    historian.subscribe(f"{PREFIX}#")
     http_port = free_port()
     cmd = [sys.executable, "-m", "cli.main", "demo", "--devices", "3", "--rounds", "2", "--threshold", "1"]
     cmd += ["--holders", "2", "--key-bits", "512", "--no-bench", "--out", str(tmp_path)]
@@ -147,6 +121,7 @@ def test_demo_bridged_to_a_plant_broker_with_sparkplug_and_dashboard(
     assert any(m.has("Chain/Height") for m in node if m.kind == "NDATA")
 
     # --- the bridge: the gateway's state, the round and the devices' states went up with the prefix --------
-    assert historian.seen(f"{PREFIX}bdn/v1/demo/gateway/state")
-    assert historian.seen(f"{PREFIX}bdn/v1/demo/round")
-    assert sum(1 for t, _, _ in historian.topics if t.startswith(f"{PREFIX}bdn/v1/demo/dev/")) >= 3
+    bridged = [m.topic for m in historian.drain()]
+    assert f"{PREFIX}bdn/v1/demo/gateway/state" in bridged
+    assert f"{PREFIX}bdn/v1/demo/round" in bridged
+    assert sum(1 for t in bridged if t.startswith(f"{PREFIX}bdn/v1/demo/dev/")) >= 3
