@@ -1312,14 +1312,8 @@ class Store:
 
     def update_counts(self, round: int) -> dict[str, int]:
         """Updates of the round per status; every status is present (0 when none)."""
-        counts = dict.fromkeys(UPDATE_STATUSES, 0)
-        if _key(round) is None:
-            return counts
-        stmt = select(_Update.status, func.count()).where(_Update.round == round).group_by(_Update.status)
-        with self._session(f"counting the updates of round {round}", write=False) as s:
-            for status, n in s.execute(stmt):
-                counts[status] = n
-        return counts
+        stats = self.round_stats([round]).get(round, {})
+        return {status: int(stats.get(status, 0)) for status in UPDATE_STATUSES}
 
     # ----------------------------------------------------------------------------------------------- outbox
 
