@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from bench.round import premade_updates
+from blockdeepnet.ports import free_port
 from blockdeepnet.wire import DeviceState, DeviceStatus, Report, Topics
-from gateway.broker import free_port
 from tests.support.browser import chromium_page, save_screenshot
 from tests.support.fleets import device_client, small_fleet
 from tests.support.gateway import GatewayThread

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from bench.round import premade_updates
+from blockdeepnet.ports import free_port
 from blockdeepnet.wire import Report, Topics
-from gateway.broker import free_port
 from provisioning.localfleet import LocalFleet
 from tests.support.fleets import device_client, small_fleet
 from tests.support.gateway import GatewayThread
