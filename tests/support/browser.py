@@ -2,7 +2,8 @@
 
 The browser is the system's ``/usr/bin/chromium`` (the Makefile installs Debian's ``chromium``), never one
 Playwright downloads: tests must run offline. Each page gets a fresh temporary profile, so no state leaks
-between tests, and a test without Chromium is skipped with the reason instead of failing obscurely.
+between tests. `make test` installs Chromium, so a machine without it fails the test with what to run (a skip
+would hide a broken install).
 
 Screenshots go to ``<pytest rootdir>/test-artifacts/`` (or ``$BDN_TEST_ARTIFACTS``), where CI collects them.
 """
@@ -39,7 +40,9 @@ def chromium_page(
     """A Playwright ``Page`` in headless Chromium with a throw-away profile. Console errors and uncaught page
     exceptions are appended to ``errors`` when given, so a test can assert the page ran cleanly."""
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (make deps) to run browser tests")
+        pytest.fail(
+            f"{CHROMIUM} is missing: `make deb-deps` installs Debian's chromium for the browser tests"
+        )
     with tempfile.TemporaryDirectory(prefix="bdn-chromium-") as profile, sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             profile,
