@@ -17,16 +17,13 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from eth_keys.datatypes import PrivateKey
 from eth_utils.exceptions import ValidationError as EthValidationError
 
 from blockdeepnet.crypto.threshold import KeyShare, ThresholdPublicKey
 from firmware_agent.errors import AgentSetupError
-
-if TYPE_CHECKING:
-    from firmware_agent.vault import Vault
 
 _MAX_SECRET_FILE_BYTES = 1 << 20  # a share of a 2048-bit key is ~2 KB; anything huge is not one of ours
 
@@ -145,11 +142,23 @@ def load_key_share(path: Path, fleet_key: ThresholdPublicKey, expected_index: in
     return key_share_from_bytes(text.encode("ascii"), f"key share file {path}", fleet_key, expected_index)
 
 
-def load_device_key_from(vault: Vault) -> DeviceKey:
+class SecretSource(Protocol):
+    """Where :func:`load_device_key_from` and :func:`load_key_share_from` read a secret: any
+    :class:`firmware_agent.vault.Vault` is one. A protocol rather than the vault class, so this module (which the
+    vault builds on for its formats and checks) does not depend on the vault in turn."""
+
+    def get(self, name: str) -> bytes:
+        """The secret stored under ``name``; a missing or damaged one raises :class:`AgentSetupError`."""
+
+    def describe(self, name: str) -> str:
+        """``name`` and where it rests, as the subject of an error message."""
+
+
+def load_device_key_from(vault: SecretSource) -> DeviceKey:
     """The device key held in ``vault`` (whichever backend: files, TPM, keystore)."""
     return device_key_from_bytes(vault.get(DEVICE_KEY), vault.describe(DEVICE_KEY))
 
 
-def load_key_share_from(vault: Vault, fleet_key: ThresholdPublicKey, expected_index: int) -> KeyShare:
+def load_key_share_from(vault: SecretSource, fleet_key: ThresholdPublicKey, expected_index: int) -> KeyShare:
     """The key share held in ``vault``, checked against the fleet's key and this device's share index."""
     return key_share_from_bytes(vault.get(KEY_SHARE), vault.describe(KEY_SHARE), fleet_key, expected_index)
